@@ -1,0 +1,8 @@
+from django.apps import AppConfig
+
+
+class CurationConfig(AppConfig):
+    """Problems, versioned expert solutions, waypoints, datasets, import/export."""
+
+    name = "curation"
+    verbose_name = "Curation"

@@ -1,0 +1,26 @@
+"""Forms for launching jobs from the dashboard (validation only; services do the work)."""
+
+from __future__ import annotations
+
+from django import forms
+
+from dailweb.jobs.builtin_kinds import WORKER_CHECK_MAX_STEPS
+from dailweb.jobs.models import JobState
+from dailweb.jobs.registry import QUEUES, job_kinds
+
+
+class WorkerCheckForm(forms.Form):
+    queue = forms.ChoiceField(choices=[(q, q) for q in QUEUES], initial="default")
+    steps = forms.IntegerField(min_value=1, max_value=WORKER_CHECK_MAX_STEPS, initial=20)
+    seconds_per_step = forms.FloatField(min_value=0, max_value=60, initial=0.5)
+
+
+class JobFilterForm(forms.Form):
+    state = forms.ChoiceField(choices=[("", "any state"), *JobState.choices], required=False)
+    kind = forms.ChoiceField(required=False)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["kind"].choices = [("", "any kind")] + [
+            (kind.name, kind.label) for kind in job_kinds()
+        ]

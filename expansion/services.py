@@ -1,0 +1,80 @@
+"""Services of the expansion app (the bridge between Django and `expansion.engine`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+
+from dailweb.errors import DomainError
+from dailweb.jobs.models import Job, JobState
+from dailweb.jobs.services import job_launch
+from expansion.engine import embedded_model
+
+MODEL_PREPARE_KIND = "model_prepare"
+
+
+@dataclass(frozen=True)
+class EmbeddedModelStatus:
+    name: str
+    path: Path
+    prepared: bool
+    gguf_path: Path | None
+    gguf_error: str
+    active_job: Job | None
+
+
+def embedded_model_status() -> EmbeddedModelStatus:
+    model_dir = embedded_model.embedded_model_dir(settings.ARTIFACTS_DIR)
+    try:
+        gguf, gguf_error = embedded_model.embedded_gguf_path(), ""
+    except embedded_model.ModelPreparationError as exc:
+        gguf, gguf_error = None, str(exc)
+    active = (
+        Job.objects.filter(kind=MODEL_PREPARE_KIND, state__in=[JobState.QUEUED, JobState.RUNNING])
+        .order_by("-created_at")
+        .first()
+    )
+    return EmbeddedModelStatus(
+        name=embedded_model.EMBEDDED_MODEL_NAME,
+        path=model_dir,
+        prepared=embedded_model.is_prepared(model_dir),
+        gguf_path=gguf,
+        gguf_error=gguf_error,
+        active_job=active,
+    )
+
+
+def embedded_model_prepare(
+    *,
+    progress: Callable[[int, int, str], None] | None = None,
+    gguf_path: str | None = None,
+    force: bool = False,
+) -> embedded_model.PreparedModel:
+    """Convert (once) and verify the embedded model in the artifacts directory."""
+    try:
+        return embedded_model.prepare_embedded_model(
+            settings.ARTIFACTS_DIR,
+            progress=progress,
+            gguf_path=Path(gguf_path) if gguf_path else None,
+            force=force,
+        )
+    except embedded_model.ModelPreparationError as exc:
+        raise DomainError(str(exc)) from exc
+
+
+def embedded_model_prepare_launch(*, launched_by, force: bool = False) -> Job:
+    """Launch the preparation as a job (one at a time)."""
+    status = embedded_model_status()
+    if status.active_job is not None:
+        raise DomainError(
+            f"The embedded model is already being prepared (job #{status.active_job.pk})."
+        )
+    return job_launch(
+        kind=MODEL_PREPARE_KIND,
+        launched_by=launched_by,
+        params={"force": bool(force)},
+        title="Prepare the embedded model (SmolLM2-135M-Instruct)",
+    )

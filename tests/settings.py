@@ -1,0 +1,27 @@
+"""Test settings: the real settings, plus what only tests need.
+
+- Static files without a manifest (tests do not run collectstatic).
+- A fast password hasher.
+- The broker: DAIL_TEST_BROKER_URL when set (CI: the machine's Redis, a database of its own),
+  else an embedded Redis that the test session starts on a unix socket (tests/services.py).
+"""
+
+import os
+
+os.environ.setdefault("SECRET_KEY", "tests-only-secret-key-" + "x" * 40)
+
+from dailweb.settings import *  # noqa: E402,F403
+from dailweb.settings import DATA_DIR, STORAGES  # noqa: E402
+
+STORAGES = {
+    **STORAGES,
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+TEST_REDIS_SOCKET = DATA_DIR / "run" / "test-redis.sock"
+CELERY_BROKER_URL = os.environ.get("DAIL_TEST_BROKER_URL") or f"redis+socket://{TEST_REDIS_SOCKET}"
+USES_EMBEDDED_BROKER = False
+# Workers in tests notice dead jobs quickly.
+JOB_HEARTBEAT_SECONDS = 1
+JOB_STALE_SECONDS = 5

@@ -1,0 +1,239 @@
+"""Job machinery without a worker: launch/cancel/retry, claiming, the runner, the sweeps."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from dailweb.celery import app
+from dailweb.errors import ConflictError, DomainError, ServiceUnavailableError
+from dailweb.jobs import runner, services
+from dailweb.jobs.models import Job, JobState
+from dailweb.jobs.registry import JobKind, register_job_kind
+from tests.factories import make_job, make_user
+
+pytestmark = pytest.mark.django_db
+
+
+def queued_messages(queue: str = "default") -> int:
+    with app.connection_for_write() as connection:
+        return connection.default_channel.queue_declare(queue, passive=True).message_count
+
+
+@pytest.fixture
+def broker(broker_url, clean_queues):
+    return broker_url
+
+
+@pytest.fixture
+def broken_broker(settings):
+    """Point the Celery app at a broker that is not there."""
+    original = app.conf.broker_url
+    app.conf.broker_url = "redis://127.0.0.1:1/0"
+    yield
+    app.conf.broker_url = original
+
+
+def test_launch_creates_a_queued_job_and_a_message(broker):
+    admin = make_user("admin")
+    job = services.job_launch(
+        kind="worker_check", launched_by=admin, params={"steps": 2, "seconds_per_step": 0}
+    )
+    assert job.state == JobState.QUEUED
+    assert job.launched_by == admin
+    assert job.queue == "default"
+    assert "queued on 'default' by" in job.log
+    assert queued_messages("default") == 1
+
+
+def test_launch_with_broker_down_creates_nothing_and_says_why(broken_broker):
+    with pytest.raises(ServiceUnavailableError, match="unreachable, so nothing was launched"):
+        services.job_launch(kind="worker_check", launched_by=None, params={})
+    assert Job.objects.count() == 0
+
+
+def test_unknown_kind_and_queue_are_refused(broker):
+    with pytest.raises(DomainError, match="Unknown job kind"):
+        services.job_launch(kind="no-such-kind", launched_by=None)
+    with pytest.raises(DomainError, match="Unknown queue"):
+        services.job_launch(kind="worker_check", launched_by=None, queue="tpu")
+    assert Job.objects.count() == 0
+
+
+def test_cancel_queued_job_is_immediate(broker):
+    job = make_job(JobState.QUEUED)
+    job = services.job_cancel(job_id=job.pk, by=make_user("admin", username="boss"))
+    assert job.state == JobState.CANCELLED
+    assert job.finished_at is not None
+    assert "cancelled by boss before it started" in job.log
+
+
+def test_cancel_running_job_sets_the_flag(broker):
+    job = make_job(JobState.RUNNING)
+    job = services.job_cancel(job_id=job.pk, by=None)
+    assert job.state == JobState.RUNNING and job.cancel_requested
+    with pytest.raises(ConflictError, match="already stopping"):
+        services.job_cancel(job_id=job.pk, by=None)
+
+
+def test_cancel_finished_job_is_refused():
+    job = make_job(JobState.SUCCEEDED)
+    with pytest.raises(ConflictError, match="only queued or running"):
+        services.job_cancel(job_id=job.pk, by=None)
+
+
+def test_retry_failed_job_requeues_with_a_new_task(broker):
+    job = make_job(JobState.FAILED, error="boom", progress_done=5, progress_total=10)
+    old_task = job.task_id
+    job = services.job_retry(job_id=job.pk, by=None)
+    assert job.state == JobState.QUEUED
+    assert job.attempt == 2
+    assert job.task_id != old_task
+    assert job.error == ""
+    assert job.progress_done == 5  # finished work is kept
+    assert queued_messages("default") == 1
+
+
+def test_retry_with_broker_down_leaves_job_failed(broken_broker):
+    job = make_job(JobState.FAILED, error="boom")
+    with pytest.raises(ServiceUnavailableError):
+        services.job_retry(job_id=job.pk, by=None)
+    job.refresh_from_db()
+    assert job.state == JobState.FAILED and job.attempt == 1 and job.error == "boom"
+
+
+def test_retry_of_succeeded_job_is_refused():
+    job = make_job(JobState.SUCCEEDED)
+    with pytest.raises(ConflictError, match="only failed or cancelled"):
+        services.job_retry(job_id=job.pk, by=None)
+
+
+def test_stale_running_jobs_are_failed_with_the_reason(settings):
+    now = timezone.now()
+    stale = make_job(
+        JobState.RUNNING,
+        worker_hostname="gpu@box",
+        started_at=now - timedelta(minutes=5),
+        heartbeat_at=now - timedelta(seconds=settings.JOB_STALE_SECONDS + 1),
+    )
+    fresh = make_job(JobState.RUNNING, started_at=now, heartbeat_at=now)
+    assert services.job_fail_stale(now=now) == [stale.pk]
+    stale.refresh_from_db()
+    fresh.refresh_from_db()
+    assert stale.state == JobState.FAILED
+    assert "gpu@box stopped sending heartbeats" in stale.error
+    assert stale.can_retry
+    assert fresh.state == JobState.RUNNING
+
+
+def test_worker_restart_fails_only_its_own_running_jobs():
+    mine = make_job(JobState.RUNNING, worker_hostname="gpu@box")
+    other = make_job(JobState.RUNNING, worker_hostname="gpu@other")
+    queued = make_job(JobState.QUEUED, worker_hostname="")
+    assert services.job_fail_lost_on_worker(hostname="gpu@box") == [mine.pk]
+    mine.refresh_from_db()
+    assert "gpu@box restarted while running this job" in mine.error
+    assert Job.objects.get(pk=other.pk).state == JobState.RUNNING
+    assert Job.objects.get(pk=queued.pk).state == JobState.QUEUED
+
+
+def test_claim_ignores_superseded_and_finished_and_fails_redelivered():
+    superseded = make_job(JobState.QUEUED, task_id="new")
+    assert runner.job_claim(job_id=superseded.pk, task_id="old", hostname="w@h") is None
+    done = make_job(JobState.SUCCEEDED, task_id="t1")
+    assert runner.job_claim(job_id=done.pk, task_id="t1", hostname="w@h") is None
+    redelivered = make_job(JobState.RUNNING, task_id="t2", worker_hostname="w@h")
+    assert runner.job_claim(job_id=redelivered.pk, task_id="t2", hostname="w@h") is None
+    redelivered.refresh_from_db()
+    assert redelivered.state == JobState.FAILED
+    assert "worker process running this job" in redelivered.error
+
+
+def test_claim_of_a_missing_job_gives_up(monkeypatch):
+    monkeypatch.setattr(runner, "CLAIM_WAIT_SECONDS", 0.3)
+    assert runner.job_claim(job_id=999_999, task_id="x", hostname="w@h") is None
+
+
+def _register(name: str, handler) -> None:
+    register_job_kind(JobKind(name=name, label=name, queue="default", handler=handler))
+
+
+def _counting_handler(ctx):
+    for step in range(1, 4):
+        ctx.progress(step, 3, stage=f"step {step}")
+    ctx.log("counted to 3")
+    return {"counted": 3}
+
+
+def _failing_handler(ctx):
+    ctx.progress(1, 4, stage="about to fail", force=True)
+    raise ValueError("the handler broke on purpose")
+
+
+def _cancelled_handler(ctx):
+    from dailweb.jobs.models import Job
+
+    Job.objects.filter(pk=ctx.job_id).update(cancel_requested=True)
+    ctx._last_cancel_check = -1e9
+    ctx.progress(2, 10, force=True)
+    raise AssertionError("progress() should have raised JobCancelled")
+
+
+_register("test_counting", _counting_handler)
+_register("test_failing", _failing_handler)
+_register("test_cancelled", _cancelled_handler)
+
+
+def _run_inline(kind: str) -> Job:
+    job = make_job(JobState.QUEUED, kind=kind, task_id=f"inline-{kind}")
+    runner.job_execute(job_id=job.pk, task_id=job.task_id, hostname="inline@test")
+    job.refresh_from_db()
+    return job
+
+
+def test_runner_success_records_result_and_full_progress():
+    job = _run_inline("test_counting")
+    assert job.state == JobState.SUCCEEDED
+    assert job.result == {"counted": 3}
+    assert job.percent == 100.0
+    assert job.worker_hostname == "inline@test"
+    assert "counted to 3" in job.log and "succeeded" in job.log
+
+
+def test_runner_failure_keeps_the_message_and_progress():
+    job = _run_inline("test_failing")
+    assert job.state == JobState.FAILED
+    assert job.error == "the handler broke on purpose"
+    assert job.progress_done == 1 and job.progress_total == 4
+    assert "ValueError" in job.log  # traceback in the log tail, not in the error summary
+
+
+def test_runner_cancel_stops_at_the_next_progress_report():
+    job = _run_inline("test_cancelled")
+    assert job.state == JobState.CANCELLED
+    assert job.progress_done == 2
+
+
+def test_eta_uses_this_attempts_rate():
+    job = make_job(
+        JobState.RUNNING,
+        progress_done=60,
+        progress_total=100,
+        progress_at_start=50,
+        started_at=timezone.now() - timedelta(seconds=10),
+    )
+    # 10 units in 10 s this attempt, 40 left: about 40 s.
+    assert 38 <= job.eta.total_seconds() <= 42
+    assert make_job(JobState.QUEUED).eta is None
+
+
+def test_log_tail_is_bounded(settings):
+    settings.JOB_LOG_MAX_CHARS = 500
+    job = make_job()
+    for i in range(100):
+        services.job_log_append(job_id=job.pk, message=f"line {i:03d} " + "x" * 20)
+    job.refresh_from_db()
+    assert len(job.log) <= 500
+    assert "line 099" in job.log and "line 000" not in job.log
