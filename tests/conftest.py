@@ -82,7 +82,10 @@ def _test_database_url() -> str:
 class WorkerProcess:
     """A real `celery worker` subprocess using the test database and broker."""
 
-    def __init__(self, name: str, queues: str, log_path: Path) -> None:
+    def __init__(
+        self, name: str, queues: str, log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
+        self.extra_env = env or {}
         self.name = name
         self.queues = queues
         self.log_path = log_path
@@ -106,6 +109,7 @@ class WorkerProcess:
             "DJANGO_SETTINGS_MODULE": "tests.settings",
             "DATABASE_URL": _test_database_url(),
             "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
         }
         command = [
             sys.executable, "-m", "celery", "-A", "dailweb", "worker",
@@ -164,8 +168,11 @@ def celery_worker_factory(broker_url, clean_queues, transactional_db, tmp_path):
     """Start real worker processes: `start_worker(name="w1", queues="default,gpu")`."""
     workers: list[WorkerProcess] = []
 
-    def start_worker(name: str = "test-worker", queues: str = "default,gpu") -> WorkerProcess:
-        worker = WorkerProcess(name, queues, tmp_path / f"{name}-{len(workers)}.log").start()
+    def start_worker(
+        name: str = "test-worker", queues: str = "default,gpu", env: dict | None = None
+    ) -> WorkerProcess:
+        log = tmp_path / f"{name}-{len(workers)}.log"
+        worker = WorkerProcess(name, queues, log, env).start()
         workers.append(worker)
         return worker
 
