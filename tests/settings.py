@@ -17,6 +17,9 @@ STORAGES = {
     **STORAGES,
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
+# Tests serve static files through the finders; nothing is collected.
+STATIC_ROOT = None
+WHITENOISE_USE_FINDERS = True
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 TEST_REDIS_SOCKET = DATA_DIR / "run" / "test-redis.sock"

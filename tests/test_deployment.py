@@ -71,7 +71,9 @@ def test_gpu_image_installs_vllm_extra():
 
 
 def _manage(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k not in {"DJANGO_SETTINGS_MODULE"}}
+    # The browser tests set DJANGO_ALLOW_ASYNC_UNSAFE for Playwright; production never would.
+    unwanted = {"DJANGO_SETTINGS_MODULE", "DJANGO_ALLOW_ASYNC_UNSAFE"}
+    clean = {k: v for k, v in os.environ.items() if k not in unwanted}
     return subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=ROOT,
@@ -116,7 +118,7 @@ def test_database_url_selects_postgres():
         [sys.executable, "-c", f"import django; django.setup(); {code}"],
         cwd=ROOT,
         env={
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"},
             **PRODUCTION_ENV,
             "DJANGO_SETTINGS_MODULE": "dailweb.settings",
             "DATABASE_URL": "postgres://u:p@db.example:5432/dail",
