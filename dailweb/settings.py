@@ -48,7 +48,10 @@ def env_list(name: str, default: str) -> list[str]:
 # --- Paths -------------------------------------------------------------------------------
 DATA_DIR = Path(env_str("DAIL_DATA_DIR", str(BASE_DIR / "data"))).resolve()
 ARTIFACTS_DIR = Path(env_str("DAIL_ARTIFACTS_DIR", str(DATA_DIR / "artifacts"))).resolve()
-RUN_DIR = DATA_DIR / "run"  # sockets and pid files of the embedded services
+RUN_DIR = DATA_DIR / "run"
+# The base model every view uses unless a job names another: a local model directory.
+# Empty: the embedded SmolLM2-135M-Instruct under ARTIFACTS_DIR/models/.
+BASE_MODEL_DIR = env_str("DAIL_BASE_MODEL", "")  # sockets and pid files of the embedded services
 
 # --- Core --------------------------------------------------------------------------------
 DEBUG = env_bool("DEBUG", False)
@@ -93,9 +96,9 @@ INSTALLED_APPS = [
     "template_partials",
     "dailweb.apps.DailwebConfig",
     "dailweb.jobs.apps.JobsConfig",
-    "curation",
-    "expansion",
-    "training",
+    "curation.apps.CurationConfig",
+    "expansion.apps.ExpansionConfig",
+    "training.apps.TrainingConfig",
 ]
 
 MIDDLEWARE = [
@@ -224,6 +227,13 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(RUN_DIR / "celerybeat-schedule")
 JOB_HEARTBEAT_SECONDS = env_int("DAIL_JOB_HEARTBEAT_SECONDS", 5)
 JOB_STALE_SECONDS = env_int("DAIL_JOB_STALE_SECONDS", 60)
 JOB_LOG_MAX_CHARS = 64_000
+
+# --- Curation ----------------------------------------------------------------------------
+DAIL_UPLOAD_MAX_MB = env_int("DAIL_UPLOAD_MAX_MB", 20)
+DATA_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024  # form fields; files are limited separately
+FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
+# The CHAMP package is loaded on first run by `./dev up` (manage.py load_champ).
+CHAMP_DATASET_NAME = "CHAMP"
 
 # --- Logging -----------------------------------------------------------------------------
 LOGGING = {

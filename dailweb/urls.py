@@ -16,6 +16,7 @@ urlpatterns = [
         name="login",
     ),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("problems/", include("curation.urls")),
     path("jobs/", include("dailweb.jobs.urls")),
     path("models/", include("expansion.urls")),
     path("admin/", admin.site.urls),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from django.conf import settings
 from dailweb.errors import DomainError
 from dailweb.jobs.models import Job, JobState
 from dailweb.jobs.services import job_launch
-from expansion.engine import embedded_model
+from expansion.engine import embedded_model, prompts
 
 MODEL_PREPARE_KIND = "model_prepare"
 
@@ -78,3 +79,54 @@ def embedded_model_prepare_launch(*, launched_by, force: bool = False) -> Job:
         params={"force": bool(force)},
         title="Prepare the embedded model (SmolLM2-135M-Instruct)",
     )
+
+
+def base_model_dir() -> Path:
+    """The configured base model (DAIL_BASE_MODEL), else the embedded one."""
+    configured = getattr(settings, "BASE_MODEL_DIR", None)
+    return (
+        Path(configured)
+        if configured
+        else embedded_model.embedded_model_dir(settings.ARTIFACTS_DIR)
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str, stamp: float):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def base_tokenizer():
+    """The base model's tokenizer (cached per process), or None when it is not there yet."""
+    path = base_model_dir()
+    config = path / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    return _tokenizer(str(path), config.stat().st_mtime)
+
+
+def prompt_texts_for_preview(
+    *, problem: str, solution: str, partial_solution: str
+) -> tuple[dict[str, str], str]:
+    """The three prompts as the base model will see them, and a note when something is
+    missing (model not prepared, empty problem or solution)."""
+    templates = prompts.PromptTemplates()
+    user_turns = {
+        "learner": templates.user_turn("learner", problem.strip()),
+        "privileged": templates.user_turn("privileged", problem.strip(), solution=solution.strip()),
+        "negative": templates.user_turn(
+            "negative", problem.strip(), partial=partial_solution.strip()
+        ),
+    }
+    tokenizer = base_tokenizer()
+    if tokenizer is None:
+        return user_turns, (
+            f"The base model ({base_model_dir().name}) is not prepared yet, so these are the "
+            "user turns without its chat template."
+        )
+    try:
+        return prompts.render_view_texts(tokenizer, problem, solution, partial_solution), ""
+    except prompts.PromptError as exc:
+        return user_turns, f"Showing the user turns only: {exc}."

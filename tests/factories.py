@@ -29,3 +29,29 @@ def make_job(state: str = JobState.QUEUED, kind: str = "worker_check", **fields)
     }
     defaults.update(fields)
     return Job.objects.create(kind=kind, state=state, **defaults)
+
+
+def make_dataset(name: str | None = None, kind: str = "verifiable"):
+    from curation.models import Dataset
+
+    return Dataset.objects.create(name=name or f"dataset-{next(_counter)}", kind=kind)
+
+
+def make_problem(
+    author=None,
+    dataset=None,
+    statement: str = "Find $x$ if $2x + 1 = 7$.",
+    solution: str = "We have $2x + 1 = 7$, so $2x = 6$ and $x = 3$. The answer is $3$.",
+    answer: str = "3",
+    waypoints=(),
+):
+    from curation.services.problems import problem_create
+
+    return problem_create(
+        dataset=dataset or make_dataset(),
+        statement=statement,
+        solution=solution,
+        answer=answer,
+        author=author,
+        waypoints=list(waypoints),
+    )

@@ -11,7 +11,7 @@ from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
 from dailweb.roles import ALL_ROLES, ANY_AUTHENTICATED
-from tests.factories import make_job, make_user
+from tests.factories import make_job, make_problem, make_user
 
 # URLs outside the role system, with the reason.
 PUBLIC = {
@@ -21,12 +21,17 @@ PUBLIC = {
 # Namespaces handled by their own access control.
 SELF_GUARDED_NAMESPACES = {"admin"}  # Django admin: staff only (tested below)
 
-# How to build arguments for URLs that take them.
+# How to build arguments for URLs that take them (given the requesting user, so objects that
+# only their owner may edit can be made theirs).
 URL_KWARGS = {
-    "jobs:detail": lambda: {"job_id": make_job().pk},
-    "jobs:cancel": lambda: {"job_id": make_job().pk},
-    "jobs:retry": lambda: {"job_id": make_job(state="failed").pk},
-    "jobs:launch": lambda: {"kind": "worker_check"},
+    "jobs:detail": lambda user: {"job_id": make_job().pk},
+    "jobs:cancel": lambda user: {"job_id": make_job().pk},
+    "jobs:retry": lambda user: {"job_id": make_job(state="failed").pk},
+    "jobs:launch": lambda user: {"kind": "worker_check"},
+    "curation:detail": lambda user: {"problem_id": make_problem(author=user).pk},
+    "curation:edit": lambda user: {"problem_id": make_problem(author=user).pk},
+    "curation:details": lambda user: {"problem_id": make_problem(author=user).pk},
+    "curation:versions": lambda user: {"problem_id": make_problem(author=user).pk},
 }
 
 
@@ -61,10 +66,10 @@ def test_every_view_declares_its_roles():
     assert routed_views(), "the URLconf has no views?"
 
 
-def _url(name: str, pattern) -> str:
+def _url(name: str, pattern, user) -> str:
     if pattern.pattern.converters:
         assert name in URL_KWARGS, f"add URL_KWARGS[{name!r}] so the role matrix covers it"
-        return reverse(name, kwargs=URL_KWARGS[name]())
+        return reverse(name, kwargs=URL_KWARGS[name](user))
     return reverse(name)
 
 
@@ -72,6 +77,7 @@ def _url(name: str, pattern) -> str:
 @pytest.mark.parametrize("role", [None, "none", *[r.value for r in ALL_ROLES]])
 def test_role_matrix(role, broker_url, clean_queues):
     client = Client()
+    user = None
     if role is not None:
         user = make_user(role if role != "none" else None)
         client.force_login(user)
@@ -79,7 +85,7 @@ def test_role_matrix(role, broker_url, clean_queues):
     for name, pattern in routed_views():
         allowed = pattern.callback.allowed_roles
         for method in ("get", "post"):
-            url = _url(name, pattern)
+            url = _url(name, pattern, user)
             response = getattr(client, method)(url)
             checked += 1
             where = f"{method.upper()} {url} ({name}) as {role}"

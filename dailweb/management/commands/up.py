@@ -78,6 +78,7 @@ class Command(BaseCommand):
         call_command("migrate", interactive=False, verbosity=0)
         call_command("collectstatic", interactive=False, verbosity=0)
         call_command("demo_users", stdout=self.stdout)
+        self._load_champ_once()
         if not skip_model:
             call_command("prepare_model", stdout=self.stdout)
 
@@ -115,6 +116,13 @@ class Command(BaseCommand):
             self._stop(children)
             if broker is not None:
                 broker.stop()
+
+    def _load_champ_once(self) -> None:
+        """A new user starts among real problems: CHAMP is loaded on the first run."""
+        from curation.models import Dataset
+
+        if not Dataset.objects.filter(name=settings.CHAMP_DATASET_NAME).exists():
+            call_command("load_champ", dataset=settings.CHAMP_DATASET_NAME, stdout=self.stdout)
 
     def _broker_label(self) -> str:
         if settings.USES_EMBEDDED_BROKER:

@@ -1,0 +1,443 @@
+"""The expert's workflow: problem list, problem page, solution editor with live preview and
+waypoint marking, version history with diffs, import and export.
+
+Experts create problems and edit their own; admins edit everything; reviewers (and experts)
+read everything. Object-level rights are checked by `problem_require_edit`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import tempfile
+from pathlib import Path
+
+from django.contrib import messages
+from django.contrib.auth import get_user_model
+from django.core.paginator import Paginator
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils.text import slugify
+from django.views.decorators.http import require_POST
+
+from curation import selectors
+from curation.forms import (
+    DatasetForm,
+    ImportForm,
+    ProblemCreateForm,
+    ProblemDetailsForm,
+    ProblemFilterForm,
+    SolutionForm,
+    split_tags,
+)
+from curation.models import Problem, WaypointOrigin
+from curation.services import problems as problem_services
+from curation.services import suggestions, transfer
+from curation.spans import Span, SpanError, carry_spans, validate_spans
+from dailweb.errors import DomainError
+from dailweb.rendering import render_markdown, render_source_with_math
+from dailweb.roles import Role, require_role
+
+READERS = (Role.EXPERT, Role.REVIEWER, Role.ADMIN)
+WRITERS = (Role.EXPERT, Role.ADMIN)
+PROBLEMS_PER_PAGE = 25
+
+
+def _filters(request: HttpRequest) -> tuple[ProblemFilterForm, selectors.ProblemFilters]:
+    form = ProblemFilterForm(request.GET or None)
+    if not form.is_valid():
+        return form, selectors.ProblemFilters()
+    data = form.cleaned_data
+    author_id = None
+    if data["author"]:
+        author = get_user_model().objects.filter(username=data["author"]).first()
+        author_id = author.pk if author else -1
+    return form, selectors.ProblemFilters(
+        query=data["q"].strip(),
+        dataset_id=data["dataset"].pk if data["dataset"] else None,
+        has_answer={"yes": True, "no": False}.get(data["answer"]),
+        waypoint_status=data["waypoints"],
+        author_id=author_id,
+    )
+
+
+@require_role(*READERS)
+def problem_list(request: HttpRequest) -> HttpResponse:
+    form, filters = _filters(request)
+    page = Paginator(selectors.problem_list(filters), PROBLEMS_PER_PAGE).get_page(
+        request.GET.get("page")
+    )
+    query = request.GET.copy()
+    query.pop("page", None)
+    context = {"filters": form, "page": page, "query": query.urlencode()}
+    template = (
+        "curation/problem_list.html#problem-table" if request.htmx else "curation/problem_list.html"
+    )
+    return render(request, template, context)
+
+
+def _get_problem(problem_id: int) -> Problem:
+    try:
+        return selectors.problem_detail(problem_id)
+    except Problem.DoesNotExist:
+        raise Http404(f"There is no problem #{problem_id}.") from None
+
+
+def _spans_of(version) -> list[Span]:
+    return [Span(w.start, w.end, w.origin) for w in version.ordered_waypoints]
+
+
+def _method_context(*, statement: str, body: str, answer: str, spans: list[Span]) -> dict:
+    previews, note = suggestions.prompt_previews(
+        statement=statement, body=body, answer=answer, spans=spans
+    )
+    return {
+        "partial_solution": suggestions.partial_solution_text(
+            body=body, answer=answer, spans=spans
+        ),
+        "prompts": previews,
+        "prompts_note": note,
+    }
+
+
+@require_role(*READERS)
+def problem_detail(request: HttpRequest, problem_id: int) -> HttpResponse:
+    problem = _get_problem(problem_id)
+    version = problem.current_version
+    spans = _spans_of(version)
+    context = {
+        "problem": problem,
+        "version": version,
+        "statement": render_markdown(problem.statement),
+        "solution": render_markdown(version.body),
+        "waypoints": [(i + 1, s, s.text_in(version.body)) for i, s in enumerate(spans)],
+        "can_edit": problem_services.problem_can_edit(request.user, problem),
+        **_method_context(
+            statement=problem.statement, body=version.body, answer=problem.answer, spans=spans
+        ),
+    }
+    return render(request, "curation/problem_detail.html", context)
+
+
+def _editor_state(form: SolutionForm) -> tuple[str, str, list[Span], list[str]]:
+    """Body, answer and waypoints as posted; waypoints marked on an older text are carried
+    into the current one (returns the texts that could not be carried)."""
+    data = form.cleaned_data
+    body = data["body"].replace("\r\n", "\n")
+    spans = data["waypoints"]
+    marked_on = data.get("waypoints_body", "").replace("\r\n", "\n")
+    dropped: list[str] = []
+    if spans and marked_on and marked_on != body:
+        spans, dropped = carry_spans(marked_on, body, spans)
+    return body, data["answer"].strip(), spans, dropped
+
+
+def _editor_context(
+    *, statement: str, body: str, answer: str, spans: list[Span], dropped=(), error=""
+) -> dict:
+    waypoint_error = error
+    try:
+        validate_spans(body, spans)
+    except SpanError as exc:
+        waypoint_error = str(exc)
+        spans = []
+    preview = render_markdown(body)
+    return {
+        "preview": preview,
+        "marking": render_source_with_math(body, [(s.start, s.end) for s in spans]),
+        "waypoints": [(i + 1, s, s.text_in(body)) for i, s in enumerate(spans)],
+        "waypoints_json": json.dumps([[s.start, s.end, s.origin] for s in spans]),
+        "waypoints_body": body,
+        "dropped": list(dropped),
+        "waypoint_error": waypoint_error,
+        **_method_context(statement=statement, body=body, answer=answer, spans=spans),
+    }
+
+
+@require_role(*WRITERS)
+def problem_edit(request: HttpRequest, problem_id: int) -> HttpResponse:
+    problem = _get_problem(problem_id)
+    problem_services.problem_require_edit(request.user, problem)
+    version = problem.current_version
+    if request.method == "POST":
+        form = SolutionForm(request.POST)
+        if form.is_valid():
+            body, answer, spans, dropped = _editor_state(form)
+            try:
+                if body == version.body and answer == problem.answer:
+                    problem_services.waypoints_save(version=version, spans=spans)
+                    messages.success(request, f"Saved the waypoints of version {version.number}.")
+                else:
+                    revision = problem_services.solution_revise(
+                        problem=problem,
+                        body=body,
+                        answer=answer,
+                        author=request.user,
+                        note=form.cleaned_data["note"],
+                        waypoints=spans,
+                    )
+                    messages.success(request, f"Saved version {revision.version.number}.")
+                    if dropped:
+                        messages.warning(
+                            request,
+                            "These waypoints no longer occur in the text and were not carried: "
+                            + ", ".join(repr(d) for d in dropped),
+                        )
+            except DomainError as exc:
+                form.add_error(None, exc.message)
+            else:
+                return redirect("curation:detail", problem_id=problem.pk)
+        body = request.POST.get("body", version.body)
+        context = _editor_context(
+            statement=problem.statement,
+            body=body,
+            answer=request.POST.get("answer", ""),
+            spans=[],
+            error="",
+        )
+        context.update({"problem": problem, "version": version, "form": form})
+        return render(request, "curation/problem_edit.html", context, status=400)
+    spans = _spans_of(version)
+    form = SolutionForm(
+        initial={
+            "body": version.body,
+            "answer": problem.answer,
+            "waypoints": json.dumps([[s.start, s.end, s.origin] for s in spans]),
+            "waypoints_body": version.body,
+        }
+    )
+    context = _editor_context(
+        statement=problem.statement, body=version.body, answer=problem.answer, spans=spans
+    )
+    context.update(
+        {
+            "problem": problem,
+            "version": version,
+            "form": form,
+            "details": ProblemDetailsForm(
+                initial={
+                    "statement": problem.statement,
+                    "source": problem.source,
+                    "tags": ", ".join(problem.tags),
+                }
+            ),
+        }
+    )
+    return render(request, "curation/problem_edit.html", context)
+
+
+@require_role(*WRITERS)
+@require_POST
+def editor_preview(request: HttpRequest) -> HttpResponse:
+    """The live panel of the editor: rendered preview, marking pane, waypoints, s~, prompts.
+
+    Actions (`action`): refresh (default), add (a span `start`/`end`), delete / up / down
+    (`index`), suggest (replace with the suggested waypoints), clear.
+    """
+    form = SolutionForm(request.POST)
+    if not form.is_valid():
+        return HttpResponse("The editor state could not be read; reload the page.", status=400)
+    statement = request.POST.get("statement", "")
+    body, answer, spans, dropped = _editor_state(form)
+    action = request.POST.get("action", "refresh")
+    error = ""
+    try:
+        if action == "add":
+            start, end = int(request.POST["start"]), int(request.POST["end"])
+            # Trim white space at the edges of a selection.
+            while start < end and body[start].isspace():
+                start += 1
+            while end > start and body[end - 1].isspace():
+                end -= 1
+            candidate = [*spans, Span(start, end, WaypointOrigin.EXPERT)]
+            validate_spans(body, candidate)
+            spans = (
+                sorted(candidate, key=lambda s: s.start)
+                if request.POST.get("keep_text_order")
+                else candidate
+            )
+        elif action in {"delete", "up", "down"}:
+            index = int(request.POST["index"])
+            if not 0 <= index < len(spans):
+                raise SpanError("That waypoint does not exist any more.")
+            if action == "delete":
+                spans.pop(index)
+            else:
+                other = index - 1 if action == "up" else index + 1
+                if 0 <= other < len(spans):
+                    spans[index], spans[other] = spans[other], spans[index]
+        elif action == "suggest":
+            spans = suggestions.waypoints_suggest(body=body, answer=answer)
+        elif action == "clear":
+            spans = []
+    except (SpanError, KeyError, ValueError) as exc:
+        error = str(exc) if isinstance(exc, SpanError) else "The selection could not be read."
+    context = _editor_context(
+        statement=statement, body=body, answer=answer, spans=spans, dropped=dropped, error=error
+    )
+    return render(request, "curation/problem_edit.html#live-panel", context)
+
+
+@require_role(*WRITERS)
+def problem_create(request: HttpRequest) -> HttpResponse:
+    form = ProblemCreateForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        body, answer, spans, _dropped = _editor_state(form)
+        try:
+            problem = problem_services.problem_create(
+                dataset=data["dataset"],
+                statement=data["statement"],
+                solution=body,
+                answer=answer,
+                external_id=data["external_id"],
+                source=data["source"],
+                tags=split_tags(data["tags"]),
+                author=request.user,
+                waypoints=spans,
+                note=data["note"],
+            )
+        except DomainError as exc:
+            form.add_error(None, exc.message)
+            for field, message in exc.field_errors.items():
+                if field in form.fields:
+                    form.add_error(field, message)
+        else:
+            messages.success(request, f"Created problem {problem.external_id}.")
+            return redirect("curation:detail", problem_id=problem.pk)
+    body = form.data.get("body", "") if form.is_bound else ""
+    context = _editor_context(
+        statement=form.data.get("statement", "") if form.is_bound else "",
+        body=body,
+        answer="",
+        spans=[],
+    )
+    context.update({"form": form, "creating": True})
+    return render(
+        request, "curation/problem_edit.html", context, status=400 if form.is_bound else 200
+    )
+
+
+@require_role(*WRITERS)
+@require_POST
+def problem_details_update(request: HttpRequest, problem_id: int) -> HttpResponse:
+    problem = _get_problem(problem_id)
+    problem_services.problem_require_edit(request.user, problem)
+    form = ProblemDetailsForm(request.POST)
+    if form.is_valid():
+        try:
+            problem_services.problem_update_details(
+                problem=problem,
+                statement=form.cleaned_data["statement"],
+                source=form.cleaned_data["source"],
+                tags=split_tags(form.cleaned_data["tags"]),
+            )
+        except DomainError as exc:
+            messages.error(request, exc.message)
+        else:
+            messages.success(request, "Saved the problem's details.")
+    else:
+        messages.error(request, "The statement is required.")
+    return redirect("curation:detail", problem_id=problem.pk)
+
+
+@require_role(*READERS)
+def problem_versions(request: HttpRequest, problem_id: int) -> HttpResponse:
+    problem = _get_problem(problem_id)
+    versions = list(selectors.solution_versions(problem))
+    numbers = [v.number for v in versions]
+    try:
+        new = int(request.GET.get("b", numbers[0]))
+        old = int(request.GET.get("a", numbers[1] if len(numbers) > 1 else numbers[0]))
+    except ValueError:
+        raise Http404("Version numbers are whole numbers.") from None
+    by_number = {v.number: v for v in versions}
+    if old not in by_number or new not in by_number:
+        raise Http404("No such version.")
+    diff = difflib.HtmlDiff(wrapcolumn=70).make_table(
+        by_number[old].body.splitlines(),
+        by_number[new].body.splitlines(),
+        fromdesc=f"version {old}",
+        todesc=f"version {new}",
+        context=True,
+        numlines=2,
+    )
+    context = {"problem": problem, "versions": versions, "old": old, "new": new, "diff": diff}
+    return render(request, "curation/problem_versions.html", context)
+
+
+@require_role(*WRITERS)
+def dataset_create(request: HttpRequest) -> HttpResponse:
+    form = DatasetForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            dataset = problem_services.dataset_create(created_by=request.user, **form.cleaned_data)
+        except DomainError as exc:
+            form.add_error(None, exc.message)
+        else:
+            messages.success(request, f"Created dataset {dataset.name}.")
+            return redirect(reverse("curation:list") + f"?dataset={dataset.pk}")
+    return render(
+        request, "curation/dataset_form.html", {"form": form}, status=400 if form.errors else 200
+    )
+
+
+@require_role(*WRITERS)
+def problem_import(request: HttpRequest) -> HttpResponse:
+    form = ImportForm(request.POST or None, request.FILES or None)
+    report = None
+    status = 200
+    if request.method == "POST" and form.is_valid():
+        upload = form.cleaned_data["file"]
+        if upload.size > transfer.upload_limit_bytes():
+            form.add_error(
+                "file",
+                f"The file is larger than the {transfer.upload_limit_bytes() // 2**20} MB upload limit.",
+            )
+            status = 400
+        else:
+            try:
+                dataset = form.cleaned_data["dataset"] or problem_services.dataset_create(
+                    name=form.cleaned_data["new_dataset_name"],
+                    kind=form.cleaned_data["new_dataset_kind"] or "verifiable",
+                    created_by=request.user,
+                )
+                report = transfer.problems_import_jsonl(
+                    dataset=dataset,
+                    data=upload.read(),
+                    author=request.user,
+                    only_valid_lines=form.cleaned_data["only_valid_lines"],
+                )
+            except DomainError as exc:
+                form.add_error(None, exc.message)
+                status = exc.status
+            else:
+                status = 200 if report.imported else 400
+                if report.imported:
+                    messages.success(request, report.summary())
+    elif request.method == "POST":
+        status = 400
+    return render(request, "curation/import.html", {"form": form, "report": report}, status=status)
+
+
+@require_role(*READERS)
+def problem_export(request: HttpRequest) -> HttpResponse:
+    _form, filters = _filters(request)
+    problems = selectors.problem_list(filters)
+    fmt = request.GET.get("format", "jsonl")
+    name = slugify(request.GET.get("name", "problems")) or "problems"
+    if fmt == "parquet":
+        handle = tempfile.NamedTemporaryFile(suffix=".parquet", delete=False)  # noqa: SIM115
+        handle.close()
+        path = transfer.problems_export_parquet(problems, Path(handle.name))
+        response = FileResponse(path.open("rb"), as_attachment=True, filename=f"{name}.parquet")
+        path.unlink()  # the open handle keeps the data until the response is sent
+        return response
+    if fmt != "jsonl":
+        raise Http404("Export formats: jsonl, parquet.")
+    response = HttpResponse(
+        transfer.problems_export_jsonl(problems), content_type="application/jsonl"
+    )
+    response["Content-Disposition"] = f'attachment; filename="{name}.jsonl"'
+    return response
