@@ -60,3 +60,9 @@ def test_up_runs_everything_on_embedded_defaults(tmp_path, embedded_model_dir):
 
     assert not ping(data / "run" / "redis.sock")
     assert (data / "staticfiles" / "staticfiles.json").is_file()  # collected, with a manifest
+    # A new user starts among real problems: CHAMP was loaded on the first run.
+    assert "Imported 270 problems: 270 new" in output
+    import sqlite3
+
+    with sqlite3.connect(data / "db.sqlite3") as db:
+        assert db.execute("SELECT count(*) FROM curation_problem").fetchone()[0] == 270
