@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import functools
 import html
+import os
 import re
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pykatex
@@ -69,12 +72,39 @@ def _katex_output() -> str:
     return "htmlAndMathml" if settings.KATEX_DIST_DIR.is_dir() else "mathml"
 
 
-@functools.lru_cache(maxsize=8192)
-def _render_tex_cached(tex: str, display: bool, output: str) -> tuple[str, str]:
+# pykatex runs KaTeX in one embedded QuickJS runtime that belongs to the first thread that
+# uses it: a call from another thread fails ("size exceeded") or crashes the process. A
+# threaded web server therefore sends every render to one dedicated thread.
+_katex_thread: ThreadPoolExecutor | None = None
+_katex_thread_lock = threading.Lock()
+
+
+def _katex_executor() -> ThreadPoolExecutor:
+    global _katex_thread
+    with _katex_thread_lock:
+        if _katex_thread is None:
+            _katex_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="katex")
+        return _katex_thread
+
+
+def _forget_katex_thread() -> None:  # a forked child (Celery pool) has no such thread
+    global _katex_thread
+    _katex_thread = None
+
+
+os.register_at_fork(after_in_child=_forget_katex_thread)
+
+
+def _katex(tex: str, display: bool, output: str) -> tuple[str, str]:
     try:
         return pykatex.renderToString(tex, displayMode=display, output=output), ""
     except pykatex.ParseError as exc:
         return "", str(exc)
+
+
+@functools.lru_cache(maxsize=8192)
+def _render_tex_cached(tex: str, display: bool, output: str) -> tuple[str, str]:
+    return _katex_executor().submit(_katex, tex, display, output).result()
 
 
 def render_tex(tex: str, display: bool = False) -> tuple[str, MathError | None]:
