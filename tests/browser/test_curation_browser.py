@@ -91,7 +91,7 @@ def test_expert_creates_marks_waypoints_saves_and_edits(page, live_server):
     page.get_by_label("Solution (Markdown + LaTeX)").fill(edited)
     wait_for_panel(page, "We solve it directly.")
     page.get_by_label("What changed").fill("intro sentence")
-    page.get_by_role("button", name="Save").click()
+    page.get_by_role("button", name="Save", exact=True).click()
     page.wait_for_url("**/problems/*/")
     assert page.get_by_text("Saved version 2.").is_visible()
     assert page.locator("ol.waypoints li code").all_inner_texts() == ["$n = 7$", "$2n + 1 = 15$"]
