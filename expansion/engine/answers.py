@@ -91,6 +91,7 @@ def _math_verify(predicted: str, expected: str) -> bool | None:
     # math-verify's timeouts use signal.alarm, which only works in the main thread.
     main = threading.current_thread() is threading.main_thread()
     timeout = 5 if main else None
+    predicted, expected = predicted.strip().strip("$"), expected.strip().strip("$")
     try:
         gold = parse(f"${expected}$", parsing_timeout=timeout)
         guess = parse(f"${predicted}$", parsing_timeout=timeout)

@@ -1,0 +1,286 @@
+"""The rollout interface every backend implements: settings, requests, results, the protocol.
+
+A backend turns `RolloutRequest`s (token ids of the learner and privileged prompts plus a
+sequence key) into `RolloutResult`s (plain numpy arrays) under one `RolloutConfig`. Two
+backends live beside this module: the per-token reference loop (`rollout_reference`) and the
+batched speculative engine (`rollout_fast`); a vLLM backend can implement the same protocol.
+
+This module knows nothing about tokenizers, prompts, problems or storage: requests are ids.
+
+Departures from the release (arXiv 2602.02405, authors' code): EOS ends a trace and is not
+part of it (as in the release), and its reason is kept (`finish_reason`); `max_new_tokens`
+counts the trace's tokens. Defaults: tau = 0.8 (the release's reasoning-model default; its
+instruct default is 1.0), top-k 20, R = 5, temperature 1.0, top-p 1.0, learner proposes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+SOURCE_LEARNER = 0
+SOURCE_PRIVILEGED = 1
+VIEWS = ("learner", "privileged")
+
+FinishReason = Literal["eos", "length", "error"]
+ProgressCallback = Callable[[int, int], None]
+
+
+class RolloutError(ValueError):
+    """A rollout setting or request is invalid."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Settings of one expansion run (snapshot them with `to_dict`)."""
+
+    tau: float = field(
+        default=0.8,
+        metadata={"help": "Accept a candidate when the verifier's probability is >= tau [0, 1]."},
+    )
+    proposer: Literal["learner", "privileged"] = field(
+        default="learner",
+        metadata={"help": "Which view draws candidates; the other verifies and falls back."},
+    )
+    top_k: int = field(default=20, metadata={"help": "Both views are restricted to their top-k."})
+    max_draws: int = field(
+        default=5, metadata={"help": "Candidates drawn (R) before falling back to the verifier."}
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "Applied to both views' logits before top-k/top-p."}
+    )
+    top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus cut over the renormalised top-k (0, 1]."}
+    )
+    max_new_tokens: int = field(default=2048, metadata={"help": "Longest trace, in tokens."})
+    eos_token_ids: tuple[int, ...] = field(
+        default=(), metadata={"help": "Tokens that end a trace (empty: the model's own)."}
+    )
+    forbidden_token_ids: tuple[int, ...] = field(
+        default=(), metadata={"help": "Tokens never produced, e.g. </think> for reasoning models."}
+    )
+    acceptance: Literal["full", "top_k"] = field(
+        default="full",
+        metadata={
+            "help": "Verifier probability compared with tau: full softmax (release) or "
+            "renormalised top-k."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the keyed random numbers."})
+    block_size: int = field(
+        default=8, metadata={"help": "Fast engine: tokens drafted per verification (initial)."}
+    )
+    max_block_size: int = field(
+        default=32,
+        metadata={"help": "Fast engine: the block grows up to this while drafts are accepted."},
+    )
+    draft_view: Literal["auto", "proposer", "verifier"] = field(
+        default="auto",
+        metadata={
+            "help": "Fast engine: which view drafts (speed only; results are identical). "
+            "auto = verifier when tau >= 0.5."
+        },
+    )
+    max_batch_size: int = field(
+        default=32, metadata={"help": "Fast engine: sequences decoded together."}
+    )
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (0.0 <= self.tau <= 1.0, f"tau must be in [0, 1], got {self.tau}"),
+            (self.proposer in VIEWS, f"proposer must be one of {VIEWS}, got {self.proposer!r}"),
+            (self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}"),
+            (
+                1 <= self.max_draws <= 127,
+                f"max_draws (retries) must be in [1, 127], got {self.max_draws}",
+            ),
+            (self.temperature > 0.0, f"temperature must be > 0, got {self.temperature}"),
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.acceptance in ("full", "top_k"), f"unknown acceptance {self.acceptance!r}"),
+            (self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}"),
+            (
+                self.max_block_size >= self.block_size,
+                f"max_block_size ({self.max_block_size}) must be >= block_size ({self.block_size})",
+            ),
+            (
+                self.draft_view in ("auto", "proposer", "verifier"),
+                f"unknown draft_view {self.draft_view!r}",
+            ),
+            (self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RolloutError(message)
+        # Accept lists (e.g. from JSON) but store tuples so the config stays hashable.
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        object.__setattr__(
+            self, "forbidden_token_ids", tuple(int(t) for t in self.forbidden_token_ids)
+        )
+
+    @property
+    def verifier(self) -> str:
+        return "privileged" if self.proposer == "learner" else "learner"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["eos_token_ids"] = list(self.eos_token_ids)
+        data["forbidden_token_ids"] = list(self.forbidden_token_ids)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RolloutConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise RolloutError(f"unknown rollout settings: {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Setting name -> help text (for forms and CLIs)."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+@dataclass(frozen=True)
+class RolloutRequest:
+    """One trace to expand: both views' prompts (chat template applied) and its random key."""
+
+    learner_prompt_ids: tuple[int, ...]
+    privileged_prompt_ids: tuple[int, ...]
+    sequence_key: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "learner_prompt_ids", tuple(int(t) for t in self.learner_prompt_ids)
+        )
+        object.__setattr__(
+            self, "privileged_prompt_ids", tuple(int(t) for t in self.privileged_prompt_ids)
+        )
+        if not self.learner_prompt_ids or not self.privileged_prompt_ids:
+            raise RolloutError("a rollout request needs non-empty learner and privileged prompts")
+
+    def prompt_ids(self, view: str) -> tuple[int, ...]:
+        return self.learner_prompt_ids if view == "learner" else self.privileged_prompt_ids
+
+
+@dataclass
+class RolloutResult:
+    """One finished trace. Arrays have one entry per generated token (EOS excluded).
+
+    `sources` says which view sampled each token (SOURCE_LEARNER / SOURCE_PRIVILEGED); a token
+    from the verifier is a fallback. Log-probs are full-softmax log-probs at the rollout
+    temperature, taken when the token was chosen.
+    """
+
+    sequence_key: int
+    proposer: str
+    token_ids: np.ndarray  # (T,) int64
+    sources: np.ndarray  # (T,) int8
+    draws: np.ndarray  # (T,) int8
+    learner_logprobs: np.ndarray  # (T,) float32
+    privileged_logprobs: np.ndarray  # (T,) float32
+    finish_reason: FinishReason
+    error: str | None = None
+
+    def __len__(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def fallbacks(self) -> np.ndarray:
+        """(T,) bool: tokens sampled from the verifier after R rejected candidates."""
+        proposer_source = SOURCE_LEARNER if self.proposer == "learner" else SOURCE_PRIVILEGED
+        return self.sources != proposer_source
+
+    @property
+    def fallback_share(self) -> float:
+        return float(self.fallbacks.mean()) if len(self) else 0.0
+
+
+@dataclass
+class RolloutStats:
+    """What a backend did (for benchmarks and logs)."""
+
+    tokens: int = 0  # trace tokens produced
+    fallbacks: int = 0
+    drafted: int = 0  # fast engine: tokens drafted
+    matched_drafts: int = 0  # fast engine: drafts equal to the rule's outcome
+    forward_passes: int = 0
+    cycles: int = 0
+    seconds: float = 0.0
+
+    @property
+    def draft_acceptance(self) -> float:
+        return self.matched_drafts / self.drafted if self.drafted else 0.0
+
+    @property
+    def fallback_rate(self) -> float:
+        return self.fallbacks / self.tokens if self.tokens else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class RolloutBackend(Protocol):
+    """Anything that expands requests into traces under the DAIL rule."""
+
+    last_stats: RolloutStats
+
+    def rollout(
+        self,
+        requests: Sequence[RolloutRequest],
+        config: RolloutConfig,
+        progress: ProgressCallback | None = None,
+    ) -> list[RolloutResult]: ...
+
+
+def finished_result(
+    request: RolloutRequest,
+    config: RolloutConfig,
+    token_ids: list[int],
+    sources: list[int],
+    draws: list[int],
+    learner_logprobs: list[float],
+    privileged_logprobs: list[float],
+    finish_reason: FinishReason,
+    error: str | None = None,
+) -> RolloutResult:
+    """Pack per-token lists into a result's arrays."""
+    return RolloutResult(
+        sequence_key=request.sequence_key,
+        proposer=config.proposer,
+        token_ids=np.asarray(token_ids, dtype=np.int64),
+        sources=np.asarray(sources, dtype=np.int8),
+        draws=np.asarray(draws, dtype=np.int8),
+        learner_logprobs=np.asarray(learner_logprobs, dtype=np.float32),
+        privileged_logprobs=np.asarray(privileged_logprobs, dtype=np.float32),
+        finish_reason=finish_reason,
+        error=error,
+    )
+
+
+def non_finite_message(views: Sequence[str], position: int) -> str:
+    """The error of a sequence whose logits went NaN/inf (same text from every backend)."""
+    names = " and ".join(v for v in VIEWS if v in views)
+    plural = "views" if len(views) > 1 else "view"
+    return f"non-finite logits (NaN or inf) from the {names} {plural} at position {position}"
+
+
+def validate_requests(requests: Sequence[RolloutRequest], vocab_size: int) -> None:
+    """Token ids must index the model's vocabulary."""
+    for index, request in enumerate(requests):
+        for view in VIEWS:
+            ids = request.prompt_ids(view)
+            if min(ids) < 0 or max(ids) >= vocab_size:
+                raise RolloutError(
+                    f"request {index}: {view} prompt has token ids outside the model's "
+                    f"vocabulary of {vocab_size}"
+                )

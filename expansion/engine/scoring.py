@@ -1,0 +1,227 @@
+"""Per-token scores of finished traces: three views' log-probs, PS/NR alternatives, shortcuts.
+
+After a trace is expanded, one prefill pass per view over `prompt + trace` gives, for every
+trace token r_i, `log p_L(r_i)`, `log p_PS(r_i)`, `log p_NR(r_i)` (full softmax, temperature 1:
+the distributions the training objective compares) and the top-N alternatives of PS and NR
+for the reviewer. Traces are batched per view (prompts left-padded, traces right-padded so
+trace positions line up; only trace positions go through the output layer), in micro-batches
+bounded by tokens and by logits size.
+
+`shortcut_scores` gives delta_i = log p_NR(r_i) - log p_PS(r_i) and `summarise_shortcuts` the
+per-trace max, mean of the positive part and share of tokens above a threshold.
+
+This module knows nothing about tokenizers, prompts or the rollout rule; views are as in
+`model_views` (learner = adapter on; privileged and negative = adapter off).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from expansion.engine import model_views
+
+SCORED_VIEWS = ("learner", "privileged", "negative")
+DEFAULT_SHORTCUT_THRESHOLD = 1.0  # nats: NR finds the token e times likelier than PS
+
+
+@dataclass(frozen=True)
+class ScoringRequest:
+    """A finished trace and the three prompts it is scored under."""
+
+    learner_prompt_ids: Sequence[int]
+    privileged_prompt_ids: Sequence[int]
+    negative_prompt_ids: Sequence[int]
+    response_ids: Sequence[int]
+
+    def prompt_ids(self, view: str) -> Sequence[int]:
+        return {
+            "learner": self.learner_prompt_ids,
+            "privileged": self.privileged_prompt_ids,
+            "negative": self.negative_prompt_ids,
+        }[view]
+
+
+@dataclass
+class TokenScores:
+    """Per-token scores of one trace (T tokens, N alternatives)."""
+
+    learner_logprobs: np.ndarray  # (T,) float32
+    privileged_logprobs: np.ndarray  # (T,) float32
+    negative_logprobs: np.ndarray  # (T,) float32
+    privileged_top_ids: np.ndarray  # (T, N) int64, most likely first
+    privileged_top_logprobs: np.ndarray  # (T, N) float32
+    negative_top_ids: np.ndarray  # (T, N) int64
+    negative_top_logprobs: np.ndarray  # (T, N) float32
+
+    @property
+    def shortcut_scores(self) -> np.ndarray:
+        return shortcut_scores(self.negative_logprobs, self.privileged_logprobs)
+
+
+@dataclass(frozen=True)
+class ShortcutSummary:
+    max: float
+    mean_positive: float
+    share_above: float
+    threshold: float
+
+
+def shortcut_scores(negative_logprobs: np.ndarray, privileged_logprobs: np.ndarray) -> np.ndarray:
+    """delta_i = log p_NR(r_i) - log p_PS(r_i), (T,) float32."""
+    negative = np.asarray(negative_logprobs, dtype=np.float32)
+    privileged = np.asarray(privileged_logprobs, dtype=np.float32)
+    return negative - privileged
+
+
+def summarise_shortcuts(
+    scores: np.ndarray, threshold: float = DEFAULT_SHORTCUT_THRESHOLD
+) -> ShortcutSummary:
+    """Per-trace summary: max delta, mean of max(delta, 0), share of tokens with delta > t."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:
+        return ShortcutSummary(0.0, 0.0, 0.0, threshold)
+    return ShortcutSummary(
+        max=float(scores.max()),
+        mean_positive=float(np.clip(scores, 0.0, None).mean()),
+        share_above=float((scores > threshold).mean()),
+        threshold=threshold,
+    )
+
+
+@torch.inference_mode()
+def score_traces(
+    model: Any,
+    requests: Sequence[ScoringRequest],
+    *,
+    top_n: int = 5,
+    max_batch_tokens: int = 16384,
+    max_logit_elements: int = 1 << 27,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[TokenScores]:
+    """Score every trace under the three views (batched prefills)."""
+    if top_n < 0:
+        raise ValueError(f"top_n must be >= 0, got {top_n}")
+    per_view: dict[str, list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]] = {}
+    steps, done = len(SCORED_VIEWS) * len(requests), 0
+    with model_views.grouped_attention(model):
+        for view in SCORED_VIEWS:
+            want_top = top_n if view != "learner" else 0
+            results: list[Any] = [None] * len(requests)
+            for batch in _micro_batches(
+                model, requests, view, max_batch_tokens, max_logit_elements
+            ):
+                scored = _score_batch(model, requests, batch, view, want_top)
+                for index, item in zip(batch, scored, strict=True):
+                    results[index] = item
+                done += len(batch)
+                if progress is not None:
+                    progress(done, steps)
+            per_view[view] = results
+    out = []
+    for index in range(len(requests)):
+        learner, _, _ = per_view["learner"][index]
+        privileged, p_ids, p_lps = per_view["privileged"][index]
+        negative, n_ids, n_lps = per_view["negative"][index]
+        out.append(
+            TokenScores(learner, privileged, negative, p_ids, p_lps, n_ids, n_lps)  # type: ignore[arg-type]
+        )
+    return out
+
+
+def _micro_batches(
+    model: Any,
+    requests: Sequence[ScoringRequest],
+    view: str,
+    max_batch_tokens: int,
+    max_logit_elements: int,
+) -> list[list[int]]:
+    """Request indices grouped by similar length within the token and logits budgets."""
+    vocab = model_views.vocab_size(model)
+    order = sorted(
+        range(len(requests)),
+        key=lambda i: len(requests[i].prompt_ids(view)) + len(requests[i].response_ids),
+    )
+    batches: list[list[int]] = []
+    current: list[int] = []
+    prompt_max = response_max = 0
+    for index in order:
+        p = max(prompt_max, len(requests[index].prompt_ids(view)))
+        r = max(response_max, len(requests[index].response_ids))
+        rows = len(current) + 1
+        fits = rows * (p + r) <= max_batch_tokens and rows * r * vocab <= max_logit_elements
+        if current and not fits:
+            batches.append(current)
+            current, p, r = (
+                [],
+                len(requests[index].prompt_ids(view)),
+                len(requests[index].response_ids),
+            )
+        current.append(index)
+        prompt_max, response_max = p, r
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _score_batch(
+    model: Any, requests: Sequence[ScoringRequest], batch: list[int], view: str, top_n: int
+) -> list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]:
+    device = model_views.model_device(model)
+    prompts = [list(requests[i].prompt_ids(view)) for i in batch]
+    responses = [list(requests[i].response_ids) for i in batch]
+    prompt_len = max(len(p) for p in prompts)
+    response_len = max(len(r) for r in responses)
+    empty = np.zeros(0, dtype=np.float32)
+    if response_len == 0:
+        no_top = np.zeros((0, top_n), dtype=np.int64), np.zeros((0, top_n), dtype=np.float32)
+        return [(empty, *no_top) if top_n else (empty, None, None) for _ in batch]
+    rows = len(batch)
+    ids = torch.zeros((rows, prompt_len + response_len), dtype=torch.long)
+    valid = torch.zeros_like(ids, dtype=torch.bool)
+    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        ids[row, prompt_len - len(prompt) : prompt_len] = torch.tensor(prompt)
+        ids[row, prompt_len : prompt_len + len(response)] = torch.tensor(response, dtype=torch.long)
+        valid[row, prompt_len - len(prompt) : prompt_len + len(response)] = True
+    ids, valid = ids.to(device), valid.to(device)
+    positions = model_views.positions_from_valid(valid)  # (B, P + T)
+    # The logits at column c predict the token at c + 1: keep prompt_len - 1 .. end - 1.
+    keep = torch.arange(prompt_len - 1, prompt_len + response_len - 1, device=device)
+    logits = model_views.forward_logits(model, view, ids, valid, positions, None, keep)  # (B, T, V)
+    targets = ids[:, prompt_len:]  # (B, T)
+    logprobs = torch.empty(targets.shape, dtype=torch.float32, device=device)  # (B, T)
+    top_ids = torch.zeros((rows, response_len, top_n), dtype=torch.long, device=device)
+    top_lps = torch.zeros((rows, response_len, top_n), dtype=torch.float32, device=device)
+    chunk = 256  # positions per log-softmax, to bound float32 copies of the logits
+    for start in range(0, response_len, chunk):
+        part = torch.log_softmax(logits[:, start : start + chunk].float(), dim=-1)  # (B, c, V)
+        logprobs[:, start : start + chunk] = part.gather(
+            -1, targets[:, start : start + chunk, None]
+        )[..., 0]
+        if top_n:
+            values, indices = part.topk(top_n, dim=-1)  # (B, c, N)
+            top_lps[:, start : start + chunk] = values
+            top_ids[:, start : start + chunk] = indices
+    logprobs_np, top_ids_np, top_lps_np = (
+        logprobs.cpu().numpy(),
+        top_ids.cpu().numpy(),
+        top_lps.cpu().numpy(),
+    )
+    out = []
+    for row, response in enumerate(responses):
+        n = len(response)
+        if top_n:
+            out.append(
+                (
+                    logprobs_np[row, :n].copy(),
+                    top_ids_np[row, :n].copy(),
+                    top_lps_np[row, :n].copy(),
+                )
+            )
+        else:
+            out.append((logprobs_np[row, :n].copy(), None, None))
+    return out
