@@ -176,6 +176,10 @@ STATICFILES_DIRS = [BASE_DIR / "dailweb" / "static"]
 KATEX_DIST_DIR = BASE_DIR / "node_modules" / "katex" / "dist"
 if KATEX_DIST_DIR.is_dir():
     STATICFILES_DIRS.append(("vendor/katex", KATEX_DIST_DIR))
+# Chart.js for the evaluation charts (npm package `chart.js`, pinned in package.json).
+CHARTJS_DIST_DIR = BASE_DIR / "node_modules" / "chart.js" / "dist"
+if CHARTJS_DIST_DIR.is_dir():
+    STATICFILES_DIRS.append(("vendor/chartjs", CHARTJS_DIST_DIR))
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},

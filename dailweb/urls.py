@@ -18,6 +18,7 @@ urlpatterns = [
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("problems/", include("curation.urls")),
     path("jobs/", include("dailweb.jobs.urls")),
-    path("models/", include("expansion.urls")),
+    path("", include("expansion.urls")),
+    path("evaluations/", include("training.urls")),
     path("admin/", admin.site.urls),
 ]

@@ -7,7 +7,7 @@ from django import forms
 from dailweb.jobs.launchers import DashboardLauncher, register_dashboard_launcher
 from dailweb.jobs.registry import JobKind, register_job_kind
 from dailweb.jobs.runner import JobContext
-from expansion import services
+from expansion.services import models as services
 
 
 def run_model_prepare(ctx: JobContext) -> dict:
@@ -57,5 +57,31 @@ register_dashboard_launcher(
         description="Convert SmolLM2-135M-Instruct from GGUF to safetensors (once) and verify it.",
         form_class=ModelPrepareForm,
         launch=services.embedded_model_prepare_launch,
+    )
+)
+
+
+def run_expansion_chunk(ctx: JobContext) -> dict:
+    from expansion.services.runs import expansion_chunk_execute
+
+    def progress(done: int, total: int, message: str) -> None:
+        ctx.progress(done, total, stage=message, unit="tokens")
+
+    return expansion_chunk_execute(
+        run_id=int(ctx.params["run_id"]),
+        chunk_index=int(ctx.params["chunk_index"]),
+        progress=progress,
+        log=ctx.log,
+    )
+
+
+register_job_kind(
+    JobKind(
+        name="expansion_chunk",
+        label="Expansion chunk",
+        queue="gpu",
+        handler=run_expansion_chunk,
+        description="Expands a slice of an expansion run's problems into traces.",
+        progress_unit="tokens",
     )
 )

@@ -51,7 +51,9 @@ def broker_url():
     server = None
     if not ping(settings.TEST_REDIS_SOCKET):
         server = EmbeddedRedis(
-            settings.TEST_REDIS_SOCKET, settings.DATA_DIR / "run" / "test-redis", persistent=False
+            settings.TEST_REDIS_SOCKET,
+            settings.DATA_DIR / "run" / f"test-redis-{settings.TEST_RUN_ID}",
+            persistent=False,
         ).start()
     yield settings.CELERY_BROKER_URL
     if server is not None:

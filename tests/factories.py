@@ -55,3 +55,84 @@ def make_problem(
         author=author,
         waypoints=list(waypoints),
     )
+
+
+def make_trace_arrays(tokens: int = 32, seed: int = 0, text_piece: str = "x = $a^2$ and "):
+    """A trace of `tokens` tokens with plausible per-token data (random numbers, real text)."""
+    import numpy as np
+
+    from expansion.engine.trace_format import TraceArrays
+
+    rng = np.random.default_rng(seed)
+    pieces = [text_piece[i % len(text_piece)] for i in range(tokens)]
+    top = 5
+    return TraceArrays(
+        text="".join(pieces),
+        token_ids=rng.integers(0, 49152, size=tokens),
+        char_lengths=np.ones(tokens, dtype=np.int64),
+        sources=(rng.random(tokens) < 0.2).astype(np.int8),
+        draws=rng.integers(1, 5, size=tokens).astype(np.int8),
+        learner_logprobs=-rng.random(tokens).astype(np.float32) * 3,
+        privileged_logprobs=-rng.random(tokens).astype(np.float32) * 3,
+        negative_logprobs=-rng.random(tokens).astype(np.float32) * 3,
+        privileged_top_ids=rng.integers(0, 49152, size=(tokens, top)),
+        privileged_top_logprobs=-rng.random((tokens, top)).astype(np.float32) * 5,
+        negative_top_ids=rng.integers(0, 49152, size=(tokens, top)),
+        negative_top_logprobs=-rng.random((tokens, top)).astype(np.float32) * 5,
+    )
+
+
+def make_run(
+    problems: int = 2,
+    samples: int = 2,
+    tokens: int = 32,
+    model_path: str = "/nonexistent",
+    **fields,
+):
+    """An expansion run with stored traces (no model involved)."""
+    from curation.services.suggestions import partial_solution_text
+    from expansion.engine.prompts import PromptTemplates
+    from expansion.engine.rollout import RolloutConfig
+    from expansion.engine.trace_format import encode_trace
+    from expansion.models import ExpansionRun, RunProblem, Trace
+
+    run = ExpansionRun.objects.create(
+        name=fields.pop("name", "test run"),
+        model_path=model_path,
+        rollout_config=RolloutConfig().to_dict(),
+        templates=PromptTemplates().to_dict(),
+        samples_per_problem=samples,
+        **fields,
+    )
+    dataset = make_dataset()
+    for position in range(problems):
+        problem = make_problem(dataset=dataset)
+        version = problem.versions.get()
+        run_problem = RunProblem.objects.create(
+            run=run,
+            problem=problem,
+            solution_version=version,
+            answer=problem.answer,
+            partial_solution=partial_solution_text(
+                body=version.body, answer=problem.answer, spans=[]
+            ),
+            position=position,
+        )
+        for sample in range(samples):
+            arrays = make_trace_arrays(tokens, seed=position * 100 + sample)
+            scores = arrays.negative_logprobs - arrays.privileged_logprobs
+            Trace.objects.create(
+                run=run,
+                run_problem=run_problem,
+                sample_index=sample,
+                data=encode_trace(arrays),
+                length=tokens,
+                fallback_share=float(arrays.sources.mean()),
+                shortcut_max=float(scores.max()),
+                shortcut_mean_positive=float(scores.clip(0).mean()),
+                shortcut_share=float((scores > 1).mean()),
+                finish_reason="eos",
+                answer_correct=sample % 2 == 0,
+                kept=sample % 2 == 0,
+            )
+    return run

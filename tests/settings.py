@@ -9,6 +9,9 @@
 import os
 
 os.environ.setdefault("SECRET_KEY", "tests-only-secret-key-" + "x" * 40)
+# One id per test session, inherited by the worker processes the tests start, so that two
+# test sessions on one machine never share a database file or a broker socket.
+TEST_RUN_ID = os.environ.setdefault("DAIL_TEST_RUN_ID", str(os.getpid()))
 
 from dailweb.settings import *  # noqa: E402,F403
 from dailweb.settings import DATA_DIR, STORAGES  # noqa: E402
@@ -22,7 +25,9 @@ STATIC_ROOT = None
 WHITENOISE_USE_FINDERS = True
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
-TEST_REDIS_SOCKET = DATA_DIR / "run" / "test-redis.sock"
+TEST_REDIS_SOCKET = DATA_DIR / "run" / f"test-redis-{TEST_RUN_ID}.sock"
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):  # noqa: F405
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / f"test-db-{TEST_RUN_ID}.sqlite3")}  # noqa: F405
 CELERY_BROKER_URL = os.environ.get("DAIL_TEST_BROKER_URL") or f"redis+socket://{TEST_REDIS_SOCKET}"
 USES_EMBEDDED_BROKER = False
 # Workers in tests notice dead jobs quickly.

@@ -11,7 +11,8 @@ from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
 from dailweb.roles import ALL_ROLES, ANY_AUTHENTICATED
-from tests.factories import make_job, make_problem, make_user
+from tests.factories import make_job, make_problem, make_run, make_user
+from tests.training.factories import make_evaluation
 
 # URLs outside the role system, with the reason.
 PUBLIC = {
@@ -32,7 +33,34 @@ URL_KWARGS = {
     "curation:edit": lambda user: {"problem_id": make_problem(author=user).pk},
     "curation:details": lambda user: {"problem_id": make_problem(author=user).pk},
     "curation:versions": lambda user: {"problem_id": make_problem(author=user).pk},
+    "expansion:run_detail": lambda user: {"run_id": make_run(problems=1, samples=1).pk},
+    "expansion:run_cancel": lambda user: {"run_id": make_run(problems=1, samples=1).pk},
+    "expansion:run_retry": lambda user: {"run_id": make_run(problems=1, samples=1).pk},
+    "expansion:trace": lambda user: {"trace_id": make_run(problems=1, samples=1).traces.get().pk},
+    "expansion:verdict": lambda user: {"trace_id": make_run(problems=1, samples=1).traces.get().pk},
+    "expansion:span_add": lambda user: {
+        "trace_id": make_run(problems=1, samples=1).traces.get().pk
+    },
+    "expansion:span_delete": lambda user: _span_kwargs(user),
+    "expansion:whatif": lambda user: {"trace_id": make_run(problems=1, samples=1).traces.get().pk},
+    "training:detail": lambda user: {"evaluation_id": make_evaluation().pk},
+    "training:cancel": lambda user: {"evaluation_id": make_evaluation(job_state="running").pk},
+    "training:retry": lambda user: {"evaluation_id": make_evaluation(job_state="failed").pk},
+    "training:problem": lambda user: {"problem_id": make_evaluation().problems.first().problem_id},
+    "training:rule": lambda user: {
+        "sample_id": make_evaluation().problems.first().samples.first().pk
+    },
 }
+
+
+def _span_kwargs(user) -> dict:
+    from expansion.models import ShortcutSpan
+
+    trace = make_run(problems=1, samples=1).traces.get()
+    span = ShortcutSpan.objects.create(
+        trace=trace, reviewer=user or make_user("reviewer"), start_token=0, end_token=1
+    )
+    return {"trace_id": trace.pk, "span_id": span.pk}
 
 
 def iter_patterns(resolver=None, namespace=""):

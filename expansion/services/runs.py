@@ -1,0 +1,314 @@
+"""Expansion runs: launch (pin problems and solution versions, split into chunks, queue one
+job per chunk on the `gpu` queue), execute a chunk (idempotent: finished traces are kept and
+skipped), cancel and retry a run.
+
+A worker killed mid-run loses at most the problem it was expanding: traces are committed per
+problem as they finish, and a rerun of a chunk only expands the problems still missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import Count
+
+from curation.models import Problem
+from curation.selectors import problems_with_current_versions
+from curation.services.suggestions import partial_solution_text
+from curation.spans import Span
+from dailweb.errors import ConflictError, DomainError
+from dailweb.jobs.models import ACTIVE_STATES, Job, JobState
+from dailweb.jobs.services import job_cancel, job_launch, job_retry
+from expansion.engine.prompts import PromptError, PromptTemplates, thinking_end_token_ids
+from expansion.engine.rollout import RolloutConfig, RolloutError
+from expansion.models import Backend, ExpansionChunk, ExpansionRun, RunProblem, Trace
+
+EXPANSION_CHUNK_KIND = "expansion_chunk"
+MAX_SAMPLES = 256
+MAX_PROBLEMS = 5000
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What an admin chooses for a run (validated by `expansion_run_launch`)."""
+
+    name: str
+    model_path: str
+    samples_per_problem: int = 4
+    rollout: dict[str, Any] | None = None  # RolloutConfig fields; defaults when absent
+    adapter_path: str = ""
+    backend: str = Backend.TRANSFORMERS
+    templates: dict[str, Any] | None = None
+    reasoning: bool = False
+    chunk_problems: int = 4
+    top_n: int = 5
+    shortcut_threshold: float = 1.0
+    require_answers: bool = True
+
+
+def _validated_config(settings: RunSettings) -> tuple[RolloutConfig, PromptTemplates]:
+    try:
+        config = RolloutConfig.from_dict(settings.rollout or {})
+    except (RolloutError, TypeError, ValueError) as exc:
+        raise DomainError(f"Rollout settings: {exc}") from exc
+    try:
+        templates = PromptTemplates.from_dict(settings.templates or {})
+    except PromptError as exc:
+        raise DomainError(f"Prompt templates: {exc}") from exc
+    if not 1 <= settings.samples_per_problem <= MAX_SAMPLES:
+        raise DomainError(f"Samples per problem must be between 1 and {MAX_SAMPLES}.")
+    if not 1 <= settings.chunk_problems <= 1000:
+        raise DomainError("Problems per chunk must be between 1 and 1000.")
+    if settings.backend not in Backend.values:
+        raise DomainError(f"Unknown backend {settings.backend!r}.")
+    if not settings.model_path.strip():
+        raise DomainError("Choose a model.")
+    if not settings.name.strip():
+        raise DomainError("Give the run a name.")
+    return config, templates
+
+
+def _check_problems(problems: list[Problem], require_answers: bool) -> None:
+    offenders = []
+    for problem in problems:
+        if problem.current_version is None:
+            offenders.append(f"{problem.external_id} (no solution)")
+        elif require_answers and problem.dataset.kind == "verifiable" and not problem.answer:
+            offenders.append(f"{problem.external_id} (no final answer)")
+    if offenders:
+        shown = ", ".join(offenders[:20]) + (
+            f" and {len(offenders) - 20} more" if len(offenders) > 20 else ""
+        )
+        raise DomainError(
+            f"Nothing was queued: {len(offenders)} problem(s) cannot be expanded: {shown}."
+        )
+
+
+@transaction.atomic
+def expansion_run_launch(
+    *, settings: RunSettings, problem_ids: Sequence[int], launched_by
+) -> ExpansionRun:
+    """Create a run over `problem_ids` (their current solution versions pinned) and queue its
+    chunks; refuses before anything is queued when a problem cannot be expanded."""
+    config, templates = _validated_config(settings)
+    ids = list(dict.fromkeys(problem_ids))
+    if not ids:
+        raise DomainError("Choose at least one problem.")
+    if len(ids) > MAX_PROBLEMS:
+        raise DomainError(f"A run takes at most {MAX_PROBLEMS} problems.")
+    problems = problems_with_current_versions(
+        Problem.objects.filter(pk__in=ids)
+        .select_related("dataset")
+        .order_by("dataset__name", "external_id")
+    )
+    missing = set(ids) - {p.pk for p in problems}
+    if missing:
+        raise DomainError(f"Unknown problem ids: {sorted(missing)[:20]}.")
+    _check_problems(problems, settings.require_answers)
+    run = ExpansionRun.objects.create(
+        name=settings.name.strip()[:200],
+        created_by=launched_by if getattr(launched_by, "pk", None) else None,
+        model_path=settings.model_path.strip(),
+        adapter_path=settings.adapter_path.strip(),
+        backend=settings.backend,
+        rollout_config=config.to_dict(),
+        templates=templates.to_dict(),
+        reasoning=settings.reasoning,
+        samples_per_problem=settings.samples_per_problem,
+        chunk_problems=settings.chunk_problems,
+        top_n=settings.top_n,
+        shortcut_threshold=settings.shortcut_threshold,
+    )
+    run_problems = []
+    for position, problem in enumerate(problems):
+        version = problem.current_version
+        spans = [Span(w.start, w.end, w.origin) for w in version.ordered_waypoints]
+        run_problems.append(
+            RunProblem.objects.create(
+                run=run,
+                problem=problem,
+                solution_version=version,
+                answer=problem.answer,
+                partial_solution=partial_solution_text(
+                    body=version.body, answer=problem.answer, spans=spans
+                ),
+                position=position,
+            )
+        )
+    for index, start in enumerate(range(0, len(run_problems), settings.chunk_problems)):
+        members = run_problems[start : start + settings.chunk_problems]
+        job = job_launch(
+            kind=EXPANSION_CHUNK_KIND,
+            launched_by=launched_by,
+            params={"run_id": run.pk, "chunk_index": index},
+            title=f"Expansion run #{run.pk} {run.name}: chunk {index + 1}",
+        )
+        chunk = ExpansionChunk.objects.create(run=run, index=index, job=job)
+        chunk.run_problems.set(members)
+    return run
+
+
+def _run_jobs(run: ExpansionRun):
+    return Job.objects.filter(expansion_chunk__run=run)
+
+
+def expansion_run_cancel(*, run: ExpansionRun, by) -> int:
+    """Cancel every queued or running chunk; returns how many were asked to stop."""
+    count = 0
+    for job in _run_jobs(run).filter(state__in=ACTIVE_STATES, cancel_requested=False):
+        job_cancel(job_id=job.pk, by=by)
+        count += 1
+    if not count:
+        raise ConflictError("Nothing of this run is queued or running.")
+    return count
+
+
+def expansion_run_retry(*, run: ExpansionRun, by) -> int:
+    """Queue the failed or cancelled chunks again; a finished run does nothing and says so."""
+    retried = 0
+    for job in _run_jobs(run).filter(state__in=[JobState.FAILED, JobState.CANCELLED]):
+        job_retry(job_id=job.pk, by=by)
+        retried += 1
+    if not retried:
+        if _run_jobs(run).filter(state__in=ACTIVE_STATES).exists():
+            raise ConflictError("The run is still going; nothing to retry.")
+        raise ConflictError("Every chunk of this run has finished; a rerun has nothing to do.")
+    return retried
+
+
+# --- Executing a chunk (inside the job) -----------------------------------------------------
+
+
+def _summary_fields(expanded, threshold: float) -> dict[str, Any]:
+    check = expanded.answer_check
+    return {
+        "length": len(expanded.arrays),
+        "fallback_share": float(expanded.fallback_share),
+        "shortcut_max": float(expanded.shortcut.max),
+        "shortcut_mean_positive": float(expanded.shortcut.mean_positive),
+        "shortcut_share": float(expanded.shortcut.share_above),
+        "finish_reason": expanded.finish_reason,
+        "error": expanded.error or "",
+        "answer_extracted": (check.predicted or "") if check is not None else "",
+        "answer_correct": None if check is None else bool(check.matches),
+        "checkers_disagree": bool(check.disagreement) if check is not None else False,
+        "kept": bool(expanded.kept),
+    }
+
+
+def _store_traces(run_problem: RunProblem, traces: list, threshold: float) -> int:
+    """Commit one problem's traces at once; existing ones are left as they are."""
+    from expansion.engine.trace_format import encode_trace
+
+    stored = 0
+    with transaction.atomic():
+        existing = set(run_problem.traces.values_list("sample_index", flat=True))
+        for expanded in traces:
+            if expanded.sample_index in existing:
+                continue
+            try:
+                with transaction.atomic():
+                    Trace.objects.create(
+                        run=run_problem.run,
+                        run_problem=run_problem,
+                        sample_index=expanded.sample_index,
+                        data=encode_trace(expanded.arrays),
+                        **_summary_fields(expanded, threshold),
+                    )
+                    stored += 1
+            except IntegrityError:  # another attempt stored it first
+                continue
+    return stored
+
+
+def expansion_chunk_execute(
+    *,
+    run_id: int,
+    chunk_index: int,
+    progress: Callable[[int, int, str], None],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Expand the chunk's problems that do not have all their traces yet."""
+    from expansion.engine.models import ModelLoadError, load_model
+    from expansion.engine.pipeline import ExpansionItem, expand_items
+    from expansion.engine.rollout_fast import TransformersBackend
+
+    run = ExpansionRun.objects.get(pk=run_id)
+    chunk = ExpansionChunk.objects.get(run=run, index=chunk_index)
+    members = list(
+        chunk.run_problems.select_related("problem", "solution_version")
+        .annotate(stored=Count("traces"))
+        .order_by("position")
+    )
+    todo = [m for m in members if m.stored < run.samples_per_problem]
+    config = RolloutConfig.from_dict(run.rollout_config)
+    # Progress in token units: each problem's budget is samples x max_new_tokens (rollout 90 %,
+    # scoring 10 %); problems that stop early at EOS jump to their budget when stored.
+    budget = run.samples_per_problem * config.max_new_tokens
+    total = len(members) * budget
+    done = (len(members) - len(todo)) * budget
+    if not todo:
+        progress(total, total, "nothing left to expand")
+        return {"problems": len(members), "expanded_now": 0}
+    if run.backend != Backend.TRANSFORMERS:
+        raise DomainError(f"The {run.backend} backend is not available to expansion runs yet.")
+    model_path = Path(run.model_path)
+    if not model_path.exists():
+        raise DomainError(f"No model at {model_path}: the path does not exist.")
+    progress(done, total, f"loading {model_path.name}")
+    try:
+        model, tokenizer = load_model(model_path, adapter=run.adapter_path or None)
+    except ModelLoadError as exc:
+        raise DomainError(f"Cannot load the model at {model_path}: {exc}") from exc
+    templates = PromptTemplates.from_dict(run.templates)
+    if run.reasoning:  # the thinking section must not be closed during expansion
+        config = dataclasses.replace(config, forbidden_token_ids=thinking_end_token_ids(tokenizer))
+    backend = TransformersBackend(model)
+    expanded_now = 0
+    for number, member in enumerate(todo, start=1):
+        item = ExpansionItem(
+            key=f"{member.problem.dataset_id}/{member.problem.external_id}",
+            problem=member.problem.statement,
+            solution=member.solution_version.body,
+            partial_solution=member.partial_solution,
+            answer=member.answer or None,
+        )
+        label = f"problem {member.problem.external_id} ({number}/{len(todo)})"
+
+        def report(stage: str, stage_done: int, stage_total: int, _base=done, _label=label) -> None:
+            fraction = stage_done / stage_total if stage_total else 0.0
+            share = 0.9 * fraction if stage == "rollout" else 0.9 + 0.1 * fraction
+            progress(_base + int(share * budget), total, f"{_label}: {stage}")
+
+        try:
+            traces = expand_items(
+                model,
+                tokenizer,
+                backend,
+                [item],
+                config=config,
+                samples=run.samples_per_problem,
+                templates=templates,
+                reasoning=run.reasoning,
+                top_n=run.top_n,
+                shortcut_threshold=run.shortcut_threshold,
+                progress=report,
+            )
+        except PromptError as exc:
+            raise DomainError(f"{member.problem.external_id}: {exc}") from exc
+        stored = _store_traces(member, traces, run.shortcut_threshold)
+        expanded_now += 1
+        done += budget
+        errors = [t for t in traces if t.finish_reason == "error"]
+        tokens = sum(len(t.arrays) for t in traces)
+        log(
+            f"{member.problem.external_id}: stored {stored} traces, {tokens} tokens"
+            + (f"; {len(errors)} failed: {errors[0].error}" if errors else "")
+        )
+        progress(done, total, f"{label}: stored")
+    return {"problems": len(members), "expanded_now": expanded_now}
