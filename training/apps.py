@@ -6,3 +6,6 @@ class TrainingConfig(AppConfig):
 
     name = "training"
     verbose_name = "Training"
+
+    def ready(self) -> None:
+        from training import jobs  # noqa: F401  (registers job kinds)

@@ -1,0 +1,267 @@
+"""Models of the training app: evaluations and training runs.
+
+Each part has its own headed section; keep them apart.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from curation.models import Dataset, Problem
+from dailweb.jobs.models import Job
+
+# =============================================================================================
+# Evaluation: pass@k and pass@k against token budget of a base model or a LoRA adapter.
+#
+# One Evaluation = one model (base, or base + adapter) on a pinned set of problems, sampled
+# by one job on the `gpu` queue. Every sample is a row (its text, token count and the
+# checkers' verdicts); metrics are computed from the rows when read, so a person's ruling
+# on a sample changes them at once.
+# =============================================================================================
+
+
+class EvaluationBackend(models.TextChoices):
+    TRANSFORMERS = "transformers", "transformers"
+    VLLM = "vllm", "vLLM (with LoRA adapters)"
+
+
+class EvaluationSplit(models.TextChoices):
+    ALL = "all", "All problems of the dataset"
+    HELD_OUT = "held_out", "Seeded held-out split of the dataset"
+    IDS = "ids", "Listed problem ids"
+
+
+class Evaluation(models.Model):
+    name = models.CharField(max_length=200)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    job = models.OneToOneField(
+        Job, null=True, blank=True, on_delete=models.PROTECT, related_name="evaluation"
+    )
+
+    # The model.
+    base_model_path = models.CharField(max_length=1000)
+    adapter_path = models.CharField(max_length=1000, blank=True)  # empty: the base model
+    backend = models.CharField(
+        max_length=16, choices=EvaluationBackend.choices, default=EvaluationBackend.TRANSFORMERS
+    )
+
+    # The problem set (the problems themselves are pinned in EvaluationProblem).
+    dataset = models.ForeignKey(
+        Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    split = models.CharField(max_length=16, choices=EvaluationSplit.choices)
+    split_params = models.JSONField(default=dict, blank=True)  # fraction, seed, limit, ids
+
+    # Sampling and metrics settings (snapshots).
+    samples_per_problem = models.PositiveIntegerField()
+    ks = models.JSONField()  # sorted list of k
+    budgets = models.JSONField()  # sorted token budgets; the largest is max_new_tokens
+    temperature = models.FloatField()
+    top_p = models.FloatField()
+    seed = models.BigIntegerField(default=0)
+    batch_size = models.PositiveIntegerField(default=8)
+    prompt_template = models.TextField()
+    reasoning = models.BooleanField(default=False)
+
+    # Training-data overlap (from the adapter's dail-training.json, when it has one).
+    training_snapshot = models.CharField(max_length=1000, blank=True)  # the file read, if any
+    training_overlap = models.PositiveIntegerField(default=0)
+    overlap_allowed = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"evaluation #{self.pk} {self.name}"
+
+    @property
+    def max_new_tokens(self) -> int:
+        return max(self.budgets)
+
+    @property
+    def model_label(self) -> str:
+        from pathlib import Path
+
+        base = Path(self.base_model_path).name
+        return f"{base} + {Path(self.adapter_path).name}" if self.adapter_path else base
+
+
+class EvaluationProblem(models.Model):
+    """One problem of an evaluation, with the answer it was judged against."""
+
+    evaluation = models.ForeignKey(Evaluation, on_delete=models.CASCADE, related_name="problems")
+    problem = models.ForeignKey(Problem, on_delete=models.PROTECT, related_name="+")
+    answer = models.TextField()  # the problem's answer when the evaluation was created
+    position = models.PositiveIntegerField()
+    in_training = models.BooleanField(default=False)  # listed in the adapter's training snapshot
+
+    class Meta:
+        ordering = ["evaluation_id", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["evaluation", "problem"], name="eval_problem_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.evaluation} / {self.problem}"
+
+
+class Ruling(models.TextChoices):
+    CORRECT = "correct", "Correct"
+    INCORRECT = "incorrect", "Incorrect"
+
+
+class EvaluationSample(models.Model):
+    eval_problem = models.ForeignKey(
+        EvaluationProblem, on_delete=models.CASCADE, related_name="samples"
+    )
+    sample_index = models.PositiveIntegerField()
+    text = models.TextField()
+    token_count = models.PositiveIntegerField()
+    finish_reason = models.CharField(max_length=16)  # eos | length
+    created_at = models.DateTimeField(default=timezone.now)
+
+    # The automatic verdict.
+    answer_extracted = models.TextField(blank=True)
+    has_answer = models.BooleanField(default=False)  # a \boxed{} was found
+    math_verify = models.BooleanField(null=True)  # None: math-verify could not read it
+    string_match = models.BooleanField(default=False)
+    auto_correct = models.BooleanField(default=False)
+    checkers_disagree = models.BooleanField(default=False, db_index=True)
+
+    # A person's ruling overrides the automatic verdict in every metric.
+    ruling = models.CharField(max_length=16, choices=Ruling.choices, blank=True)
+    ruled_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    ruled_at = models.DateTimeField(null=True, blank=True)
+    ruling_note = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["eval_problem_id", "sample_index"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["eval_problem", "sample_index"], name="eval_sample_unique"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"sample {self.sample_index} of {self.eval_problem}"
+
+    @property
+    def correct(self) -> bool:
+        """The verdict metrics use: the ruling when there is one, else the checkers'."""
+        if self.ruling:
+            return self.ruling == Ruling.CORRECT
+        return self.auto_correct
+
+    @property
+    def needs_ruling(self) -> bool:
+        return self.checkers_disagree and not self.ruling
+
+
+# =============================================================================================
+# Training runs: a LoRA adapter trained with the DAIL contrastive objective (or the NLL
+# baseline) on an exact snapshot of accepted traces, by one job on the `gpu` queue.
+#
+# The snapshot is frozen at launch: the training records (problem, solution, s~, templates,
+# token ids, shortcut spans) are written to a gzip JSONL file under the run's output directory
+# and its SHA-256 is kept here with the trace and problem ids, so later verdicts, span edits or
+# problem edits never change a launched run (the job refuses a file whose hash changed).
+# Per-step metrics are rows (TrainingMetric) so the page can draw them while the job runs.
+# =============================================================================================
+
+
+class TrainingObjective(models.TextChoices):
+    DAIL = "dail", "DAIL contrastive"
+    NLL = "nll", "NLL baseline (SFT on the traces)"
+
+
+class TrainingRun(models.Model):
+    name = models.CharField(max_length=200)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    job = models.OneToOneField(
+        Job, null=True, blank=True, on_delete=models.PROTECT, related_name="training_run"
+    )
+
+    # What is trained, and how (snapshots).
+    base_model_path = models.CharField(max_length=1000)  # resolved
+    objective = models.CharField(max_length=8, choices=TrainingObjective.choices)
+    config = models.JSONField()  # training.engine.config.DailTrainingConfig.to_dict()
+
+    # The data snapshot.
+    source_runs = models.JSONField(default=list)  # [{"id", "name", "model_path", ...}]
+    trace_ids = models.JSONField(default=list)
+    problem_ids = models.JSONField(default=list)  # database ids (dail-training.json)
+    snapshot_file = models.CharField(max_length=1000)
+    snapshot_sha256 = models.CharField(max_length=64)
+    snapshot_traces = models.PositiveIntegerField(default=0)
+    snapshot_spans = models.PositiveIntegerField(default=0)  # reviewer-marked shortcut spans
+    excluded = models.JSONField(default=dict, blank=True)  # review state -> traces left out
+
+    # What fitting to max_length did (computed at launch, confirmed by the job).
+    examples_used = models.PositiveIntegerField(default=0)
+    overlong_truncated = models.PositiveIntegerField(default=0)
+    overlong_skipped = models.PositiveIntegerField(default=0)
+    prompt_too_long = models.PositiveIntegerField(default=0)
+    response_tokens_dropped = models.PositiveIntegerField(default=0)
+    empty_traces = models.PositiveIntegerField(default=0)
+
+    # Outputs.
+    output_dir = models.CharField(max_length=1000)
+    total_steps = models.PositiveIntegerField(default=0)
+    last_checkpoint = models.CharField(max_length=1000, blank=True)
+    adapter_path = models.CharField(max_length=1000, blank=True)  # set when training finished
+    final_metrics = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"training run #{self.pk} {self.name}"
+
+    @property
+    def gamma(self) -> float:
+        return float(self.config.get("gamma", 0.0))
+
+    @property
+    def epochs(self) -> int:
+        return int(self.config.get("epochs", 1))
+
+    @property
+    def base_model_name(self) -> str:
+        from pathlib import Path
+
+        return Path(self.base_model_path).name
+
+
+class TrainingMetric(models.Model):
+    """One optimizer step's metrics (token-weighted over the step's accumulated batch)."""
+
+    run = models.ForeignKey(TrainingRun, on_delete=models.CASCADE, related_name="metrics")
+    step = models.PositiveIntegerField()
+    epoch = models.FloatField()
+    loss = models.FloatField()
+    kl_privileged = models.FloatField(null=True, blank=True)  # DAIL only
+    kl_negative = models.FloatField(null=True, blank=True)  # DAIL only
+    nll = models.FloatField(null=True, blank=True)  # NLL only
+    lr = models.FloatField()
+    grad_norm = models.FloatField(null=True, blank=True)
+    tokens = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["run_id", "step"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "step"], name="training_metric_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.run} step {self.step}"
