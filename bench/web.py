@@ -3,7 +3,9 @@
 Runs against a throw-away SQLite database in a temporary directory (never your data):
 - the problem list with 10,000 problems, pages 1 and 100 (p50 over repeated requests, query
   counts beside them; the tests assert that the counts do not grow);
-- importing all 270 CHAMP problems (seconds, problems/s).
+- importing all 270 CHAMP problems (seconds, problems/s);
+- the reviewer's trace page for a 2,048-token trace (p50, HTML size; targets 150 ms, 1.5 MB)
+  and the review queue over 100,000 traces, pages 1 and 500 (p50; target 200 ms).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--problems", type=int, default=10_000)
+    parser.add_argument("--traces", type=int, default=100_000)
     args = parser.parse_args(argv)
     repeats = 5 if args.quick else 20
 
@@ -96,11 +99,38 @@ def main(argv: list[str]) -> int:
         ):
             client.get(url)  # warm caches (templates, KaTeX)
             p50, queries = _timed_get(client, url, repeats)
-            rows.append({"page": label, "p50_ms": p50, "queries": queries})
+            rows.append(
+                {
+                    "page": label,
+                    "p50_ms": p50,
+                    "queries": queries,
+                    "html_kb": len(client.get(url).content) / 1024,
+                }
+            )
+        from tests.factories import bulk_traces, make_run
+
+        long_run = make_run(problems=1, samples=1, tokens=2048)
+        trace = long_run.traces.get()
+        queue_run = make_run(problems=1, samples=1, tokens=16)
+        bulk_traces(queue_run, args.traces)
+        client.force_login(make_user("reviewer"))
+        for label, url in (
+            ("trace page, 2,048 tokens", f"/review/traces/{trace.pk}/"),
+            (f"review queue ({args.traces:,} traces), page 1", "/review/"),
+            (f"review queue ({args.traces:,} traces), page 500", "/review/?page=500"),
+            (
+                "review queue, filtered + sorted",
+                f"/review/?run={queue_run.pk}&sort=fallback&correct=yes",
+            ),
+        ):
+            client.get(url)
+            p50, queries = _timed_get(client, url, repeats)
+            size = len(client.get(url).content)
+            rows.append({"page": label, "p50_ms": p50, "queries": queries, "html_kb": size / 1024})
         print_table(
-            f"Web pages ({args.problems:,} problems + CHAMP, SQLite)",
+            f"Web pages ({args.problems:,} problems + CHAMP; SQLite)",
             rows,
-            ["page", "p50_ms", "queries"],
+            ["page", "p50_ms", "queries", "html_kb"],
         )
         champ = {
             "problems": report.created,

@@ -38,6 +38,41 @@ class TraceFilters:
     sort: str = "shortcut"
 
 
+def trace_queue_ids(filters: TraceFilters) -> QuerySet:
+    """Ids of the matching traces in queue order: a narrow query, so that deep pages stay
+    cheap (the page's rows are then loaded by id with `traces_by_ids`)."""
+    return trace_queue(filters).values_list("pk", flat=True)
+
+
+def traces_by_ids(ids: list[int]) -> list[Trace]:
+    rows = (
+        Trace.objects.defer("data")
+        .select_related("run", "run_problem__problem__dataset", "claimed_by")
+        .in_bulk(ids)
+    )
+    return [rows[i] for i in ids if i in rows]
+
+
+def run_review_counts(runs: list[ExpansionRun]) -> list[dict]:
+    """Traces and reviewed traces per run, from the (run, review_state) index alone."""
+    counts: dict[int, dict[str, int]] = defaultdict(dict)
+    for run_id, state, n in (
+        Trace.objects.filter(run_id__in=[r.pk for r in runs])
+        .values_list("run_id", "review_state")
+        .annotate(n=Count("pk"))
+        .order_by()
+    ):
+        counts[run_id][state] = n
+    return [
+        {
+            "run": run,
+            "traces": sum(counts[run.pk].values()),
+            "reviewed": sum(n for s, n in counts[run.pk].items() if s != ReviewState.UNREVIEWED),
+        }
+        for run in runs
+    ]
+
+
 def trace_queue(filters: TraceFilters) -> QuerySet[Trace]:
     traces = Trace.objects.defer("data").select_related(
         "run", "run_problem__problem__dataset", "claimed_by"

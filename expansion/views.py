@@ -171,12 +171,14 @@ def _trace_filters(form: TraceFilterForm) -> selectors.TraceFilters:
 def trace_queue(request: HttpRequest) -> HttpResponse:
     form = TraceFilterForm(request.GET or None)
     filters = _trace_filters(form)
-    page = Paginator(selectors.trace_queue(filters), TRACES_PER_PAGE).get_page(
+    # Paginate ids (a narrow query, cheap on deep pages), then load that page's rows.
+    page = Paginator(selectors.trace_queue_ids(filters), TRACES_PER_PAGE).get_page(
         request.GET.get("page")
     )
+    page.object_list = selectors.traces_by_ids(list(page.object_list))
     query = request.GET.copy()
     query.pop("page", None)
-    runs = selectors.run_progress(list(selectors.run_list()[:20]))
+    runs = selectors.run_review_counts(list(selectors.run_list()[:20]))
     context = {
         "filters": form,
         "page": page,

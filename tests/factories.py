@@ -136,3 +136,38 @@ def make_run(
                 kept=sample % 2 == 0,
             )
     return run
+
+
+def bulk_traces(run, count: int, tokens: int = 16) -> None:
+    """Add `count` traces to the first problem-slot of `run` quickly (one shared small blob)."""
+    import random
+
+    from expansion.engine.trace_format import encode_trace
+    from expansion.models import RunProblem, Trace
+
+    run_problem = RunProblem.objects.filter(run=run).first()
+    blob = encode_trace(make_trace_arrays(tokens))
+    rng = random.Random(0)
+    start = run_problem.traces.count()
+    batch = []
+    for index in range(start, start + count):
+        batch.append(
+            Trace(
+                run=run,
+                run_problem=run_problem,
+                sample_index=index,
+                data=blob,
+                length=tokens,
+                fallback_share=rng.random(),
+                shortcut_max=rng.uniform(-1, 6),
+                shortcut_mean_positive=rng.random(),
+                shortcut_share=rng.random(),
+                finish_reason="eos",
+                answer_correct=rng.random() < 0.5,
+                kept=rng.random() < 0.5,
+            )
+        )
+        if len(batch) == 5000:
+            Trace.objects.bulk_create(batch)
+            batch = []
+    Trace.objects.bulk_create(batch)

@@ -11,7 +11,7 @@ from django.urls import reverse
 from dailweb.errors import ConflictError, DomainError
 from expansion.models import ReviewState, Trace, Verdict
 from expansion.services import review
-from tests.factories import make_run, make_user
+from tests.factories import bulk_traces, make_run, make_user
 
 pytestmark = pytest.mark.django_db
 
@@ -96,7 +96,9 @@ def test_trace_page_for_2048_tokens_stays_within_15_queries_and_1_5_mb(client, r
 
 
 def test_queue_queries_do_not_grow_with_page_size_or_number(client, reviewer, monkeypatch):
-    run = make_run(problems=3, samples=40, tokens=4)
+    run = make_run(problems=3, samples=2, tokens=4)
+    bulk_traces(run, 100_000)
+    assert Trace.objects.count() > 100_000
     url = reverse("expansion:queue")
 
     def count(path):
@@ -106,6 +108,7 @@ def test_queue_queries_do_not_grow_with_page_size_or_number(client, reviewer, mo
 
     first = count(url)
     assert count(url + "?page=2") == first
+    assert count(url + "?page=1500") == first
     assert count(url + f"?run={run.pk}&sort=fallback&correct=yes&page=1") == first
     import expansion.views
 
