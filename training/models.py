@@ -162,5 +162,3 @@ class EvaluationSample(models.Model):
     @property
     def needs_ruling(self) -> bool:
         return self.checkers_disagree and not self.ruling
-
-
