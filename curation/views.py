@@ -35,7 +35,7 @@ from curation.models import Problem, WaypointOrigin
 from curation.services import problems as problem_services
 from curation.services import suggestions, transfer
 from curation.spans import Span, SpanError, carry_spans, validate_spans
-from dailweb.errors import DomainError
+from dailweb.errors import DomainError, add_to_form
 from dailweb.rendering import render_markdown, render_source_with_math
 from dailweb.roles import Role, require_role
 
@@ -299,10 +299,7 @@ def problem_create(request: HttpRequest) -> HttpResponse:
                 note=data["note"],
             )
         except DomainError as exc:
-            form.add_error(None, exc.message)
-            for field, message in exc.field_errors.items():
-                if field in form.fields:
-                    form.add_error(field, message)
+            add_to_form(form, exc)
         else:
             messages.success(request, f"Created problem {problem.external_id}.")
             return redirect("curation:detail", problem_id=problem.pk)

@@ -25,3 +25,12 @@ class ConflictError(DomainError):
 
 class ServiceUnavailableError(DomainError):
     status = 503
+
+
+def add_to_form(form, error: DomainError) -> None:
+    """Show a service's refusal on the form: the message on top, field messages beside the
+    fields they name (unless the form already marks that field)."""
+    form.add_error(None, error.message)
+    for name, message in error.field_errors.items():
+        if name in form.fields and name not in form.errors:
+            form.add_error(name, message)

@@ -5,6 +5,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 from dailweb import views
+from training.urls import training_run_urls
 
 handler403 = "dailweb.views.permission_denied"
 
@@ -20,5 +21,6 @@ urlpatterns = [
     path("jobs/", include("dailweb.jobs.urls")),
     path("", include("expansion.urls")),
     path("evaluations/", include("training.urls")),
+    path("training/", include(training_run_urls)),
     path("admin/", admin.site.urls),
 ]

@@ -7,8 +7,9 @@ import re
 from django import forms
 
 from curation.models import Dataset
+from training.engine.config import LORA_TARGETS
 from training.engine.evaluation import EVALUATION_TEMPLATE
-from training.models import EvaluationBackend, EvaluationSplit, Ruling
+from training.models import EvaluationBackend, EvaluationSplit, Ruling, TrainingObjective
 
 
 def _int_list(value: str, label: str) -> list[int]:
@@ -126,3 +127,158 @@ class RulingForm(forms.Form):
     )
     note = forms.CharField(required=False, max_length=2000)
     next = forms.CharField(required=False, max_length=500)
+
+
+# --- Training runs ---------------------------------------------------------------------------
+
+
+class ExpansionRunChoiceField(forms.ModelMultipleChoiceField):
+    def label_from_instance(self, obj) -> str:
+        accepted = getattr(obj, "accepted_count", None)
+        counts = (
+            f" — {accepted} accepted of {obj.trace_count} traces" if accepted is not None else ""
+        )
+        return f"#{obj.pk} {obj.name}{counts} · {obj.model_path}"
+
+
+def _release(value: object) -> str:
+    return f"Release: {value}."
+
+
+class TrainingLaunchForm(forms.Form):
+    """A training run's settings. Initial values are the release defaults scaled for the
+    embedded model (`training.services.training.EMBEDDED_SCALE`); help texts give the release
+    values. Range checks here catch typos early; the engine's config validates the rest."""
+
+    name = forms.CharField(max_length=200)
+    expansion_runs = ExpansionRunChoiceField(
+        queryset=None,
+        widget=forms.CheckboxSelectMultiple,
+        label="Data: accepted traces of these expansion runs",
+        help_text="Frozen at launch: traces accepted later, or rejected later, do not change "
+        "the run. Rejected, unreviewed and needs-fix traces are never used.",
+    )
+    base_model_path = forms.CharField(
+        max_length=1000,
+        label="Base model directory",
+        help_text="Must be the model the chosen runs were expanded with (paths compared resolved).",
+    )
+    objective = forms.ChoiceField(choices=TrainingObjective.choices, initial="dail")
+    gamma = forms.FloatField(
+        min_value=0,
+        max_value=0.999,
+        label="gamma (cheating penalty)",
+        help_text="Weight of the push away from the negative reference; 0 = plain distillation "
+        "toward the privileged view. Must be below 1. " + _release(0.1),
+    )
+    kl_direction = forms.ChoiceField(
+        choices=[
+            ("reverse", "reverse: KL(θ‖PS) − γ·KL(θ‖NR)"),
+            ("forward", "forward: KL(PS‖θ) − γ·KL(NR‖θ)"),
+        ],
+        label="KL direction",
+        help_text=_release("reverse"),
+    )
+    shortcut_policy = forms.ChoiceField(
+        choices=[
+            (
+                "drop_pull",
+                "drop_pull: marked tokens are not pulled toward PS, still pushed from NR",
+            ),
+            ("drop_position", "drop_position: marked tokens leave the loss"),
+            ("keep", "keep: ignore the reviewers' marks"),
+        ],
+        label="Reviewer-marked shortcut spans",
+        help_text="Default drop_pull (NLL: marked tokens leave the loss). The paper has no reviewer.",
+    )
+    lora_r = forms.IntegerField(min_value=1, max_value=1024, label="LoRA r", help_text=_release(32))
+    lora_alpha = forms.IntegerField(
+        min_value=1, max_value=4096, label="LoRA alpha", help_text=_release(32)
+    )
+    lora_dropout = forms.FloatField(
+        min_value=0, max_value=0.99, label="LoRA dropout", help_text=_release(0)
+    )
+    lora_targets = forms.MultipleChoiceField(
+        choices=[(t, t) for t in LORA_TARGETS],
+        widget=forms.CheckboxSelectMultiple,
+        label="LoRA targets",
+        help_text="Release: all seven projections.",
+    )
+    learning_rate = forms.FloatField(
+        min_value=1e-8, max_value=0.5, label="Learning rate", help_text=_release("2e-4")
+    )
+    warmup_steps = forms.IntegerField(
+        min_value=0, max_value=100000, label="Warm-up steps", help_text=_release(5)
+    )
+    lr_scheduler = forms.ChoiceField(
+        choices=[(s, s) for s in ("linear", "cosine", "constant", "constant_with_warmup")],
+        label="Schedule after warm-up",
+        help_text="Not stated by the paper; transformers' default is linear.",
+    )
+    weight_decay = forms.FloatField(min_value=0, max_value=1, help_text=_release(0.01))
+    effective_batch_size = forms.IntegerField(
+        min_value=1,
+        max_value=4096,
+        label="Effective batch (traces per step)",
+        help_text=_release(16),
+    )
+    micro_batch_size = forms.IntegerField(
+        min_value=1,
+        max_value=256,
+        label="Micro-batch",
+        help_text="Traces per forward pass; must divide the effective batch.",
+    )
+    epochs = forms.IntegerField(
+        min_value=1, max_value=100, help_text="Release: 3 (reasoning) / 5 (instruct)."
+    )
+    max_length = forms.IntegerField(
+        min_value=16,
+        max_value=131072,
+        label="Maximum length (tokens)",
+        help_text="Longest view: prompt + trace. Release: 2048 (reasoning) / 12288 (instruct).",
+    )
+    overlong_policy = forms.ChoiceField(
+        choices=[("truncate", "truncate the trace"), ("skip", "skip the trace")],
+        label="Traces longer than that",
+        help_text="Counted and shown either way. The release truncates.",
+    )
+    checkpoint_every = forms.IntegerField(
+        min_value=1, max_value=100000, label="Checkpoint every (steps)", help_text=_release(50)
+    )
+    seed = forms.IntegerField(min_value=0, max_value=2**31 - 1)
+
+    CONFIG_FIELDS = (
+        "objective", "gamma", "kl_direction", "shortcut_policy", "lora_r", "lora_alpha",
+        "lora_dropout", "lora_targets", "learning_rate", "warmup_steps", "lr_scheduler",
+        "weight_decay", "effective_batch_size", "micro_batch_size", "epochs", "max_length",
+        "overlong_policy", "checkpoint_every", "seed",
+    )  # fmt: skip
+
+    def __init__(self, *args, **kwargs) -> None:
+        from django.db.models import Count, Q
+
+        from expansion.models import ExpansionRun
+
+        super().__init__(*args, **kwargs)
+        self.fields["expansion_runs"].queryset = ExpansionRun.objects.annotate(
+            trace_count=Count("traces"),
+            accepted_count=Count("traces", filter=Q(traces__review_state="accepted")),
+        ).order_by("-created_at", "-id")
+
+    def config_values(self) -> dict:
+        """The engine's settings from the cleaned data (DailTrainingConfig field names)."""
+        values = {name: self.cleaned_data[name] for name in self.CONFIG_FIELDS}
+        values["lora_targets"] = list(values["lora_targets"])
+        return values
+
+    def clean(self) -> dict:
+        data = super().clean()
+        if not self.errors:
+            from training.engine.config import DailTrainingConfig
+
+            try:
+                DailTrainingConfig.from_dict(self.config_values())
+            except ValueError as exc:
+                name = str(exc).split(" ", 1)[0]
+                self.add_error(name if name in self.fields else None, str(exc))
+        return data

@@ -162,3 +162,106 @@ class EvaluationSample(models.Model):
     @property
     def needs_ruling(self) -> bool:
         return self.checkers_disagree and not self.ruling
+
+
+# =============================================================================================
+# Training runs: a LoRA adapter trained with the DAIL contrastive objective (or the NLL
+# baseline) on an exact snapshot of accepted traces, by one job on the `gpu` queue.
+#
+# The snapshot is frozen at launch: the training records (problem, solution, s~, templates,
+# token ids, shortcut spans) are written to a gzip JSONL file under the run's output directory
+# and its SHA-256 is kept here with the trace and problem ids, so later verdicts, span edits or
+# problem edits never change a launched run (the job refuses a file whose hash changed).
+# Per-step metrics are rows (TrainingMetric) so the page can draw them while the job runs.
+# =============================================================================================
+
+
+class TrainingObjective(models.TextChoices):
+    DAIL = "dail", "DAIL contrastive"
+    NLL = "nll", "NLL baseline (SFT on the traces)"
+
+
+class TrainingRun(models.Model):
+    name = models.CharField(max_length=200)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    job = models.OneToOneField(
+        Job, null=True, blank=True, on_delete=models.PROTECT, related_name="training_run"
+    )
+
+    # What is trained, and how (snapshots).
+    base_model_path = models.CharField(max_length=1000)  # resolved
+    objective = models.CharField(max_length=8, choices=TrainingObjective.choices)
+    config = models.JSONField()  # training.engine.config.DailTrainingConfig.to_dict()
+
+    # The data snapshot.
+    source_runs = models.JSONField(default=list)  # [{"id", "name", "model_path", ...}]
+    trace_ids = models.JSONField(default=list)
+    problem_ids = models.JSONField(default=list)  # database ids (dail-training.json)
+    snapshot_file = models.CharField(max_length=1000)
+    snapshot_sha256 = models.CharField(max_length=64)
+    snapshot_traces = models.PositiveIntegerField(default=0)
+    snapshot_spans = models.PositiveIntegerField(default=0)  # reviewer-marked shortcut spans
+    excluded = models.JSONField(default=dict, blank=True)  # review state -> traces left out
+
+    # What fitting to max_length did (computed at launch, confirmed by the job).
+    examples_used = models.PositiveIntegerField(default=0)
+    overlong_truncated = models.PositiveIntegerField(default=0)
+    overlong_skipped = models.PositiveIntegerField(default=0)
+    prompt_too_long = models.PositiveIntegerField(default=0)
+    response_tokens_dropped = models.PositiveIntegerField(default=0)
+    empty_traces = models.PositiveIntegerField(default=0)
+
+    # Outputs.
+    output_dir = models.CharField(max_length=1000)
+    total_steps = models.PositiveIntegerField(default=0)
+    last_checkpoint = models.CharField(max_length=1000, blank=True)
+    adapter_path = models.CharField(max_length=1000, blank=True)  # set when training finished
+    final_metrics = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"training run #{self.pk} {self.name}"
+
+    @property
+    def gamma(self) -> float:
+        return float(self.config.get("gamma", 0.0))
+
+    @property
+    def epochs(self) -> int:
+        return int(self.config.get("epochs", 1))
+
+    @property
+    def base_model_name(self) -> str:
+        from pathlib import Path
+
+        return Path(self.base_model_path).name
+
+
+class TrainingMetric(models.Model):
+    """One optimizer step's metrics (token-weighted over the step's accumulated batch)."""
+
+    run = models.ForeignKey(TrainingRun, on_delete=models.CASCADE, related_name="metrics")
+    step = models.PositiveIntegerField()
+    epoch = models.FloatField()
+    loss = models.FloatField()
+    kl_privileged = models.FloatField(null=True, blank=True)  # DAIL only
+    kl_negative = models.FloatField(null=True, blank=True)  # DAIL only
+    nll = models.FloatField(null=True, blank=True)  # NLL only
+    lr = models.FloatField()
+    grad_norm = models.FloatField(null=True, blank=True)
+    tokens = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["run_id", "step"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "step"], name="training_metric_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.run} step {self.step}"

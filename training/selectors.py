@@ -1,4 +1,6 @@
-"""Reads for evaluations: the list, results (metrics computed from the stored samples, with
+"""Reads for evaluations and training runs.
+
+Evaluations: the list, results (metrics computed from the stored samples, with
 people's rulings applied), comparisons of several evaluations, a problem's samples, exports.
 
 Metrics cover the problems whose n samples are all stored, so a running evaluation shows its
@@ -17,7 +19,14 @@ from django.db.models import Count, Q, QuerySet
 from curation.models import Problem
 from training.engine import evaluation as engine
 from training.engine.metrics import Estimate
-from training.models import Evaluation, EvaluationProblem, EvaluationSample, Ruling
+from training.models import (
+    Evaluation,
+    EvaluationProblem,
+    EvaluationSample,
+    Ruling,
+    TrainingMetric,
+    TrainingRun,
+)
 
 
 def evaluation_list() -> QuerySet[Evaluation]:
@@ -400,3 +409,75 @@ def export_document(comparison: Comparison) -> dict[str, Any]:
             }
         )
     return {"warnings": comparison.warnings, "evaluations": documents}
+
+
+# --- Training runs ---------------------------------------------------------------------------
+
+# The negative-reference term has no lower bound: warn when it has dominated this many steps.
+DOMINANCE_STEPS = 3
+METRIC_FIELDS = ("step", "epoch", "loss", "kl_privileged", "kl_negative", "nll", "lr", "grad_norm")
+
+
+def training_run_list() -> QuerySet[TrainingRun]:
+    return TrainingRun.objects.select_related("job", "created_by").order_by("-created_at", "-id")
+
+
+def training_run_get(training_run_id: int) -> TrainingRun:
+    return TrainingRun.objects.select_related("job", "created_by").get(pk=training_run_id)
+
+
+def training_metric_points(run: TrainingRun, *, after: int = 0) -> list[dict[str, Any]]:
+    """Per-step metrics after step `after`, in step order, as plain dicts for the charts."""
+    rows = TrainingMetric.objects.filter(run=run, step__gt=after).order_by("step")
+    return [
+        dict(zip(METRIC_FIELDS, values, strict=True)) for values in rows.values_list(*METRIC_FIELDS)
+    ]
+
+
+def negative_term_warning(run: TrainingRun, points: Sequence[dict[str, Any]] | None = None) -> str:
+    """A warning when the push away from the negative reference dominates ('' when not).
+
+    The objective is KL(θ‖PS) − γ·KL(θ‖NR); the second term has no lower bound, so the loss
+    can fall by pushing the learner anywhere away from NR instead of toward PS. Warned when
+    γ·KL_NR exceeded KL_PS on each of the last DOMINANCE_STEPS steps, or the latest total
+    loss is negative."""
+    if run.objective != "dail" or run.gamma <= 0:
+        return ""
+    if points is None:
+        recent = list(
+            TrainingMetric.objects.filter(run=run)
+            .order_by("-step")
+            .values("step", "loss", "kl_privileged", "kl_negative")[:DOMINANCE_STEPS]
+        )[::-1]
+    else:
+        recent = list(points)[-DOMINANCE_STEPS:]
+    if not recent:
+        return ""
+    gamma = run.gamma
+    last = recent[-1]
+    dominated = len(recent) == DOMINANCE_STEPS and all(
+        p["kl_negative"] is not None
+        and p["kl_privileged"] is not None
+        and gamma * p["kl_negative"] > p["kl_privileged"]
+        for p in recent
+    )
+    if dominated:
+        return (
+            f"The push away from the negative reference dominates: γ·KL(θ‖NR) = "
+            f"{gamma * last['kl_negative']:.4g} > KL(θ‖PS) = {last['kl_privileged']:.4g} for the "
+            f"last {DOMINANCE_STEPS} steps (to step {last['step']}). That term has no lower "
+            "bound, so the loss can keep falling while the learner moves away from the "
+            "privileged view. Consider cancelling and lowering gamma."
+        )
+    if last["loss"] < 0:
+        return (
+            f"The total loss is negative ({last['loss']:.4g} at step {last['step']}): the "
+            "unbounded push away from the negative reference outweighs the pull toward the "
+            "privileged view. Consider cancelling and lowering gamma."
+        )
+    return ""
+
+
+def adapter_registry() -> QuerySet[TrainingRun]:
+    """Training runs that produced an adapter, newest first."""
+    return training_run_list().exclude(adapter_path="")

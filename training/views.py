@@ -1,29 +1,34 @@
 """Evaluations: admins launch, cancel and retry them; reviewers and admins read the results,
 compare evaluations, drill down to each problem's samples, rule on flagged samples and
-export."""
+export.
+
+Training runs (admins): launch from a form, watch (htmx-polled status, live charts fed by a
+JSON endpoint of per-step metrics), cancel, retry; the adapter registry and zip downloads."""
 
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 from django.conf import settings
 from django.contrib import messages
 from django.core.paginator import Paginator
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from curation.models import Problem
-from dailweb.errors import DomainError
+from dailweb.errors import DomainError, add_to_form
 from dailweb.rendering import render_markdown
 from dailweb.roles import Role, require_role
 from training import selectors
 from training.engine.evaluation import vllm_unavailable_reason
-from training.forms import EvaluationLaunchForm, RulingForm
-from training.models import Evaluation, EvaluationSample
+from training.forms import EvaluationLaunchForm, RulingForm, TrainingLaunchForm
+from training.models import Evaluation, EvaluationSample, TrainingRun
 from training.services import evaluation as services
+from training.services import training as training_services
 
 READERS = (Role.REVIEWER, Role.ADMIN)
 EVALUATIONS_PER_PAGE = 25
@@ -105,10 +110,7 @@ def evaluation_launch(request: HttpRequest) -> HttpResponse:
                     launched_by=request.user,
                 )
             except DomainError as exc:
-                form.add_error(None, exc.message)
-                for name, message in exc.field_errors.items():
-                    if name in form.fields and name not in form.errors:
-                        form.add_error(name, message)
+                add_to_form(form, exc)
                 status = exc.status
             else:
                 messages.success(request, f"Launched evaluation #{evaluation.pk} on the gpu queue.")
@@ -276,3 +278,170 @@ def sample_rule(request: HttpRequest, sample_id: int) -> HttpResponse:
             "training:problem", kwargs={"problem_id": sample.eval_problem.problem_id}
         ) + (f"?ids={sample.eval_problem.evaluation_id}")
     return redirect(f"{target}#sample-{sample_id}")
+
+
+# --- Training runs and the adapter registry (admins) -----------------------------------------
+
+TRAINING_RUNS_PER_PAGE = 25
+LOG_TAIL_LINES = 40
+
+
+def _get_training_run(training_run_id: int) -> TrainingRun:
+    try:
+        return selectors.training_run_get(training_run_id)
+    except TrainingRun.DoesNotExist:
+        raise Http404(f"There is no training run #{training_run_id}.") from None
+
+
+@require_role(Role.ADMIN)
+def training_run_list(request: HttpRequest) -> HttpResponse:
+    page = Paginator(selectors.training_run_list(), TRAINING_RUNS_PER_PAGE).get_page(
+        request.GET.get("page")
+    )
+    any_active = any(r.job and r.job.is_active for r in page.object_list)
+    context = {"page": page, "any_active": any_active}
+    template = (
+        "training/training_list.html#training-table"
+        if request.htmx
+        else "training/training_list.html"
+    )
+    return render(request, template, context)
+
+
+@require_role(Role.ADMIN)
+def training_run_launch(request: HttpRequest) -> HttpResponse:
+    from expansion.services import base_model_dir
+
+    initial = {**training_services.training_defaults(), "base_model_path": str(base_model_dir())}
+    form = TrainingLaunchForm(request.POST or None, initial=initial)
+    status = 200
+    if request.method == "POST":
+        status = 400
+        if form.is_valid():
+            data = form.cleaned_data
+            try:
+                run = training_services.training_run_launch(
+                    settings=training_services.TrainingSettings(
+                        name=data["name"],
+                        base_model_path=data["base_model_path"],
+                        run_ids=[r.pk for r in data["expansion_runs"]],
+                        config=form.config_values(),
+                    ),
+                    launched_by=request.user,
+                )
+            except DomainError as exc:
+                add_to_form(form, exc)
+                status = exc.status
+            else:
+                messages.success(
+                    request,
+                    f"Launched training run #{run.pk} on the gpu queue: {run.examples_used} "
+                    f"traces, {run.total_steps} steps.",
+                )
+                return redirect("training_runs:detail", training_run_id=run.pk)
+    context = {"form": form, "scale": training_services.EMBEDDED_SCALE}
+    return render(request, "training/training_launch.html", context, status=status)
+
+
+def _status_context(run: TrainingRun) -> dict:
+    job = run.job
+    log_tail = "\n".join(job.log.splitlines()[-LOG_TAIL_LINES:]) if job else ""
+    last = run.metrics.order_by("-step").first()
+    return {
+        "run": run,
+        "job": job,
+        "log_tail": log_tail,
+        "last_metric": last,
+        "warning": selectors.negative_term_warning(run),
+    }
+
+
+@require_role(Role.ADMIN)
+def training_run_detail(request: HttpRequest, training_run_id: int) -> HttpResponse:
+    run = _get_training_run(training_run_id)
+    context = _status_context(run)
+    if request.htmx:
+        return render(request, "training/training_detail.html#training-status", context)
+    points = selectors.training_metric_points(run)
+    context.update(
+        charts=_charts_available(),
+        chart_data=_chart_document(run, points),
+        config_rows=[
+            (name, ", ".join(map(str, value)) if isinstance(value, list) else value)
+            for name, value in sorted(run.config.items())
+        ],
+    )
+    return render(request, "training/training_detail.html", context)
+
+
+def _chart_document(run: TrainingRun, points: list[dict]) -> dict:
+    job = run.job
+    return {
+        "attempt": job.attempt if job else 0,
+        "active": bool(job and job.is_active),
+        "state": job.state if job else "",
+        "objective": run.objective,
+        "gamma": run.gamma,
+        "total_steps": run.total_steps,
+        "points": points,
+    }
+
+
+@require_role(Role.ADMIN)
+def training_run_metrics(request: HttpRequest, training_run_id: int) -> JsonResponse:
+    """Per-step metrics after `?after=N` (for the live charts), with the job's state."""
+    run = _get_training_run(training_run_id)
+    after = request.GET.get("after", "0")
+    points = selectors.training_metric_points(run, after=int(after) if after.isdigit() else 0)
+    document = _chart_document(run, points)
+    document["warning"] = selectors.negative_term_warning(run)
+    return JsonResponse(document)
+
+
+@require_role(Role.ADMIN)
+@require_POST
+def training_run_cancel(request: HttpRequest, training_run_id: int) -> HttpResponse:
+    run = _get_training_run(training_run_id)
+    try:
+        training_services.training_run_cancel(run=run, by=request.user)
+        messages.success(
+            request, "Asked the run to stop after the current step; a checkpoint is kept."
+        )
+    except DomainError as exc:
+        messages.error(request, exc.message)
+    return redirect("training_runs:detail", training_run_id=run.pk)
+
+
+@require_role(Role.ADMIN)
+@require_POST
+def training_run_retry(request: HttpRequest, training_run_id: int) -> HttpResponse:
+    run = _get_training_run(training_run_id)
+    try:
+        training_services.training_run_retry(run=run, by=request.user)
+        messages.success(request, "Queued again; it resumes from the last checkpoint.")
+    except DomainError as exc:
+        messages.error(request, exc.message)
+    return redirect("training_runs:detail", training_run_id=run.pk)
+
+
+@require_role(Role.ADMIN)
+def adapter_registry(request: HttpRequest) -> HttpResponse:
+    runs = list(selectors.adapter_registry()[:200])
+    for run in runs:
+        run.adapter_present = (Path(run.adapter_path) / "adapter_config.json").is_file()
+    return render(request, "training/adapter_registry.html", {"runs": runs})
+
+
+@require_role(Role.ADMIN)
+def adapter_download(request: HttpRequest, training_run_id: int) -> HttpResponse:
+    run = _get_training_run(training_run_id)
+    try:
+        archive = training_services.adapter_archive(run=run)
+    except DomainError as exc:
+        raise Http404(exc.message) from None
+    return FileResponse(
+        archive,
+        as_attachment=True,
+        filename=f"dail-adapter-{run.pk}.zip",
+        content_type="application/zip",
+    )

@@ -12,7 +12,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
-from dailweb.errors import DomainError
+from dailweb.errors import DomainError, add_to_form
 from dailweb.jobs import selectors, services
 from dailweb.jobs.forms import JobFilterForm
 from dailweb.jobs.launchers import dashboard_launcher, dashboard_launchers
@@ -62,10 +62,7 @@ def job_launch(request: HttpRequest, kind: str) -> HttpResponse:
         try:
             job = launcher.launch(launched_by=request.user, **form.cleaned_data)
         except DomainError as exc:
-            form.add_error(None, exc.message)
-            for field, message in exc.field_errors.items():
-                if field in form.fields:
-                    form.add_error(field, message)
+            add_to_form(form, exc)
             status = exc.status
         else:
             messages.success(request, f"Launched job #{job.pk}: {job.title}.")

@@ -13,6 +13,7 @@ from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from dailweb.roles import ALL_ROLES, ANY_AUTHENTICATED
 from tests.factories import make_job, make_problem, make_run, make_user
 from tests.training.factories import make_evaluation
+from tests.training.training_factories import make_training_run
 
 # URLs outside the role system, with the reason.
 PUBLIC = {
@@ -50,6 +51,13 @@ URL_KWARGS = {
     "training:rule": lambda user: {
         "sample_id": make_evaluation().problems.first().samples.first().pk
     },
+    "training_runs:detail": lambda user: {"training_run_id": make_training_run().pk},
+    "training_runs:metrics": lambda user: {"training_run_id": make_training_run().pk},
+    "training_runs:cancel": lambda user: {"training_run_id": make_training_run().pk},
+    "training_runs:retry": lambda user: {
+        "training_run_id": make_training_run(job_state="failed").pk
+    },
+    "training_runs:download": lambda user: {"training_run_id": make_training_run().pk},
 }
 
 

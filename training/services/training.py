@@ -1,0 +1,640 @@
+"""Training runs: launch (freeze the data snapshot, check everything, queue one job on `gpu`),
+execute (build token-id examples from the snapshot, train through the engine, store per-step
+metrics, write the adapter and its lineage), cancel, retry, and the adapter download.
+
+The data snapshot. At launch the accepted traces of the chosen expansion runs are exported
+(`expansion.services.export.trace_record`, trimmed to what training reads) into
+`<output_dir>/snapshot.jsonl.gz`; its SHA-256, the trace ids and the problem ids are stored on
+the `TrainingRun`. Later verdicts, span edits or problem edits do not change a launched run:
+the job reads only that file and refuses it if its hash changed. Rejected (and unreviewed or
+needs-fix) traces are never in it; the counts of those left out are recorded.
+
+Refused at launch, before anything is queued: an empty name, settings out of range (the
+engine's `DailTrainingConfig` names the field), a base model that is not a model directory,
+no expansion run, a run expanded with another base model (paths compared resolved), an empty
+snapshot, and a snapshot of which no trace fits `max_length`.
+
+Over-long traces are handled by the engine's `overlong_policy` ("truncate" the response, or
+"skip" the trace); the counts are computed at launch, shown on the page and confirmed by the
+job. Reviewer-marked shortcut spans become the engine's per-token shortcut mask and are handled
+by `shortcut_policy` (default "drop_pull": out of the pull toward the privileged view, still
+pushed away from the negative reference).
+
+Execution resumes from the last complete checkpoint in the output directory (the engine does
+that); metrics of steps after that checkpoint are deleted first, since those steps run again.
+A NaN/inf loss stops the job (failed) with the last good checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import uuid
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from django.conf import settings as django_settings
+from django.db import transaction
+from django.db.models import Count
+from django.utils import timezone
+
+from dailweb.errors import ConflictError, DomainError
+from dailweb.jobs.models import ACTIVE_STATES, JobState
+from dailweb.jobs.services import job_cancel, job_launch, job_retry
+from expansion.models import ExpansionRun, ReviewState, Trace
+from training.engine.config import DailTrainingConfig
+from training.engine.data import OverlongCounts, TrainingExample, fit_to_length, views_for
+from training.engine.evaluation import TRAINING_SNAPSHOT_FILE
+from training.models import TrainingMetric, TrainingRun
+
+TRAINING_KIND = "training"
+SNAPSHOT_FILE = "snapshot.jsonl.gz"
+LINEAGE_FILE = TRAINING_SNAPSHOT_FILE  # dail-training.json, read by the evaluation feature
+
+# The release values (DailTrainingConfig's defaults) scaled for the embedded SmolLM2-135M on a
+# CPU: a few optimizer steps over a small snapshot instead of hours. The form says so.
+EMBEDDED_SCALE: dict[str, Any] = {
+    "effective_batch_size": 4,  # release: 16
+    "epochs": 1,  # release: 3 (reasoning) / 5 (instruct)
+    "max_length": 1024,  # release: 2048 / 12288
+    "warmup_steps": 2,  # release: 5
+    "checkpoint_every": 5,  # release: 50
+}
+
+
+def training_defaults() -> dict[str, Any]:
+    """Initial form values: the release defaults with `EMBEDDED_SCALE` applied."""
+    return DailTrainingConfig(**EMBEDDED_SCALE).to_dict()
+
+
+def training_config(values: dict[str, Any]) -> DailTrainingConfig:
+    """A validated config from form or command-line values; a DomainError names the field."""
+    try:
+        return DailTrainingConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        name = message.split(" ", 1)[0]
+        field_errors = {name: message} if name in values else {}
+        raise DomainError(f"Settings: {message}.", field_errors=field_errors) from exc
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """What an admin chooses for a training run (validated by `training_run_launch`)."""
+
+    name: str
+    base_model_path: str
+    run_ids: Sequence[int]
+    config: dict[str, Any] = field(default_factory=training_defaults)
+
+
+# --- Models and tokenizers -------------------------------------------------------------------
+
+
+def base_model_check(path_text: str) -> Path:
+    """The resolved base model directory, or a DomainError saying what is wrong with it."""
+    if not path_text.strip():
+        raise DomainError("Choose a base model.", field_errors={"base_model_path": "required"})
+    path = Path(path_text.strip())
+    if not path.is_dir():
+        raise DomainError(
+            f"No base model directory at {path}.",
+            field_errors={"base_model_path": "not a directory"},
+        )
+    if (path / "adapter_config.json").is_file():
+        raise DomainError(
+            f"{path} is a LoRA adapter, not a base model.",
+            field_errors={"base_model_path": "an adapter"},
+        )
+    if not (path / "config.json").is_file():
+        raise DomainError(
+            f"{path} is not a model directory: it has no config.json.",
+            field_errors={"base_model_path": "no config.json"},
+        )
+    return path.resolve()
+
+
+def context_length(model_dir: str | Path) -> int | None:
+    """The model's context window from its config.json (None when it does not say)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings") or config.get("text_config", {}).get(
+        "max_position_embeddings"
+    )
+    return int(value) if value else None
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str, stamp: float) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_tokenizer(model_dir: str | Path) -> Any:
+    """The base model's tokenizer, cached per process (reloaded when its files change)."""
+    path = Path(model_dir)
+    stamps = [p.stat().st_mtime for p in path.glob("tokenizer*") if p.is_file()]
+    try:
+        return _tokenizer(str(path), max(stamps, default=0.0))
+    except (OSError, ValueError) as exc:
+        raise DomainError(f"Cannot load the tokenizer of {path}: {exc}") from exc
+
+
+# --- The data snapshot -----------------------------------------------------------------------
+
+
+def snapshot_record(trace: Trace) -> dict[str, Any]:
+    """What training reads of one trace (the export's record, trimmed) plus the problem's
+    database id and the run's token budget (the prompts were built to leave room for it)."""
+    from expansion.services.export import trace_record
+
+    record = trace_record(trace)
+    kept = (
+        "trace_id", "run_id", "model_path", "adapter_path", "reasoning", "templates", "dataset",
+        "problem_id", "problem", "solution_version", "solution", "answer", "partial_solution",
+        "sample_index", "token_ids", "shortcut_spans", "review_state",
+    )  # fmt: skip
+    frozen = {key: record[key] for key in kept}
+    frozen["problem_pk"] = trace.run_problem.problem_id
+    frozen["max_new_tokens"] = trace.run.rollout_config.get("max_new_tokens")
+    return frozen
+
+
+def write_snapshot(records: Iterable[dict[str, Any]], path: Path) -> str:
+    """Write records as gzip JSONL; returns the SHA-256 of the uncompressed lines."""
+    digest = hashlib.sha256()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as out:
+        for record in records:
+            line = (json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n").encode()
+            digest.update(line)
+            out.write(line)
+    return digest.hexdigest()
+
+
+def read_snapshot(path: Path, sha256: str) -> list[dict[str, Any]]:
+    """The snapshot's records; refuses a missing file or one whose content changed."""
+    if not path.is_file():
+        raise DomainError(f"The data snapshot {path} is missing; this run cannot train.")
+    digest = hashlib.sha256()
+    records = []
+    with gzip.open(path, "rb") as lines:
+        for line in lines:
+            digest.update(line)
+            records.append(json.loads(line))
+    if digest.hexdigest() != sha256:
+        raise DomainError(
+            f"The data snapshot {path} changed since launch (SHA-256 {digest.hexdigest()[:12]}… "
+            f"instead of {sha256[:12]}…); refusing to train on other data."
+        )
+    return records
+
+
+def shortcut_mask(spans: Sequence[dict[str, Any]], length: int) -> tuple[bool, ...] | None:
+    """Per response token: inside a reviewer-marked span [start_token, end_token)."""
+    if not spans:
+        return None
+    marks = [False] * length
+    for span in spans:
+        for i in range(max(0, int(span["start_token"])), min(length, int(span["end_token"]))):
+            marks[i] = True
+    return tuple(marks)
+
+
+def training_examples(
+    records: Sequence[dict[str, Any]], tokenizer: Any, context: int | None
+) -> tuple[list[TrainingExample], int]:
+    """Token-id examples of the three views (the prompts as expansion built them, from the
+    run's templates) and the number of empty traces left out."""
+    from expansion.engine.prompts import PromptError, PromptTemplates, build_view_prompts
+
+    prompts_by_key: dict[str, Any] = {}
+    examples = []
+    empty = 0
+    for record in records:
+        if not record["token_ids"]:
+            empty += 1
+            continue
+        budget = record.get("max_new_tokens")
+        max_prompt = context - int(budget) if context and budget and context > budget else None
+        key = json.dumps(
+            [record[k] for k in ("problem", "solution", "partial_solution", "templates")]
+            + [record["reasoning"], max_prompt],
+            sort_keys=True,
+        )
+        if key not in prompts_by_key:
+            try:
+                prompts_by_key[key] = build_view_prompts(
+                    tokenizer,
+                    record["problem"],
+                    record["solution"],
+                    record["partial_solution"],
+                    PromptTemplates.from_dict(record["templates"]),
+                    reasoning=bool(record["reasoning"]),
+                    max_prompt_tokens=max_prompt,
+                )
+            except PromptError as exc:
+                raise DomainError(
+                    f"Trace #{record['trace_id']} (problem {record['problem_id']}): {exc}"
+                ) from exc
+        prompts = prompts_by_key[key]
+        response = [int(t) for t in record["token_ids"]]
+        examples.append(
+            TrainingExample(
+                learner_prompt_ids=prompts.learner_ids,
+                privileged_prompt_ids=prompts.privileged_ids,
+                negative_prompt_ids=prompts.negative_ids,
+                response_ids=response,
+                shortcut_mask=shortcut_mask(record["shortcut_spans"], len(response)),
+                example_id=f"trace-{record['trace_id']}",
+            )
+        )
+    return examples, empty
+
+
+def planned_steps(examples: int, config: DailTrainingConfig) -> int:
+    """Optimizer steps transformers' Trainer will take (its per-epoch rounding)."""
+    batches = math.ceil(examples / config.micro_batch_size)
+    return math.ceil(batches / config.gradient_accumulation_steps) * config.epochs
+
+
+def _check_runs(run_ids: Sequence[int], base: Path) -> list[ExpansionRun]:
+    ids = sorted({int(i) for i in run_ids})
+    if not ids:
+        raise DomainError(
+            "Choose at least one expansion run whose accepted traces to train on.",
+            field_errors={"expansion_runs": "required"},
+        )
+    runs = list(ExpansionRun.objects.filter(pk__in=ids).order_by("pk"))
+    missing = sorted(set(ids) - {r.pk for r in runs})
+    if missing:
+        raise DomainError(
+            f"Unknown expansion run(s): {', '.join(f'#{i}' for i in missing)}.",
+            field_errors={"expansion_runs": "unknown"},
+        )
+    other = [r for r in runs if Path(r.model_path).resolve() != base]
+    if other:
+        listed = "; ".join(
+            f"#{r.pk} {r.name} used {Path(r.model_path).resolve()}" for r in other[:10]
+        )
+        raise DomainError(
+            f"Traces from another base model cannot train an adapter for {base}: {listed}. "
+            "Choose runs expanded with this base model, or that run's base model.",
+            field_errors={"expansion_runs": "another base model"},
+        )
+    return runs
+
+
+def _excluded_counts(run_ids: Sequence[int]) -> dict[str, int]:
+    """Traces of the runs left out of the snapshot, by review state."""
+    counts = dict(
+        Trace.objects.filter(run_id__in=run_ids)
+        .exclude(review_state=ReviewState.ACCEPTED)
+        .values_list("review_state")
+        .annotate(n=Count("pk"))
+    )
+    return {
+        state: counts.get(state, 0) for state in ReviewState.values if state != ReviewState.ACCEPTED
+    }
+
+
+def _fit(
+    examples: Sequence[TrainingExample], config: DailTrainingConfig
+) -> tuple[list[TrainingExample], OverlongCounts]:
+    return fit_to_length(
+        examples, config.max_length, config.overlong_policy, views_for(config.objective)
+    )
+
+
+# --- Launch, cancel, retry -------------------------------------------------------------------
+
+
+def training_run_launch(*, settings: TrainingSettings, launched_by) -> TrainingRun:
+    """Freeze the snapshot, check it fits, create the run and queue its job on `gpu`."""
+    from expansion.services.export import reviewed_traces
+
+    name = settings.name.strip()
+    if not name:
+        raise DomainError("Give the training run a name.", field_errors={"name": "required"})
+    config = training_config(dict(settings.config))
+    base = base_model_check(settings.base_model_path)
+    runs = _check_runs(settings.run_ids, base)
+    run_ids = [r.pk for r in runs]
+    traces = list(reviewed_traces(run_ids=run_ids, states=[ReviewState.ACCEPTED]))
+    excluded = _excluded_counts(run_ids)
+    if not traces:
+        left_out = ", ".join(f"{n} {state}" for state, n in excluded.items() if n) or "none"
+        raise DomainError(
+            "The snapshot is empty: the chosen runs have no accepted traces (traces there: "
+            f"{left_out}). Accept traces in the review queue first; nothing was queued.",
+            field_errors={"expansion_runs": "no accepted traces"},
+        )
+    records = [snapshot_record(t) for t in traces]
+    examples, empty = training_examples(records, load_tokenizer(base), context_length(base))
+    kept, overlong = _fit(examples, config)
+    if not kept:
+        raise DomainError(
+            f"None of the {len(records)} accepted traces fits max_length = {config.max_length} "
+            f"tokens ({overlong.prompt_too_long} have a prompt that alone fills it, "
+            f"{overlong.skipped} were skipped as too long, {empty} are empty). Raise the "
+            "maximum length or truncate; nothing was queued.",
+            field_errors={"max_length": "no trace fits"},
+        )
+    output_dir = (
+        Path(django_settings.ARTIFACTS_DIR)
+        / "training"
+        / f"{timezone.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}"
+    )
+    snapshot = output_dir / SNAPSHOT_FILE
+    try:
+        sha256 = write_snapshot(records, snapshot)
+        with transaction.atomic():
+            run = TrainingRun.objects.create(
+                name=name[:200],
+                created_by=launched_by if getattr(launched_by, "pk", None) else None,
+                base_model_path=str(base),
+                objective=config.objective,
+                config=config.to_dict(),
+                source_runs=[
+                    {
+                        "id": r.pk,
+                        "name": r.name,
+                        "model_path": r.model_path,
+                        "adapter_path": r.adapter_path,
+                        "accepted": sum(1 for t in traces if t.run_id == r.pk),
+                    }
+                    for r in runs
+                ],
+                trace_ids=[t.pk for t in traces],
+                problem_ids=sorted({rec["problem_pk"] for rec in records}),
+                snapshot_file=str(snapshot),
+                snapshot_sha256=sha256,
+                snapshot_traces=len(records),
+                snapshot_spans=sum(len(rec["shortcut_spans"]) for rec in records),
+                excluded=excluded,
+                examples_used=len(kept),
+                overlong_truncated=overlong.truncated,
+                overlong_skipped=overlong.skipped,
+                prompt_too_long=overlong.prompt_too_long,
+                response_tokens_dropped=overlong.response_tokens_dropped,
+                empty_traces=empty,
+                output_dir=str(output_dir),
+                total_steps=planned_steps(len(kept), config),
+            )
+            run.job = job_launch(
+                kind=TRAINING_KIND,
+                launched_by=launched_by,
+                params={"training_run_id": run.pk},
+                title=f"Training #{run.pk} {run.name}",
+            )
+            run.save(update_fields=["job"])
+    except BaseException:
+        shutil.rmtree(output_dir, ignore_errors=True)  # nothing was queued: leave no files
+        raise
+    return run
+
+
+def training_run_cancel(*, run: TrainingRun, by) -> None:
+    """Stop at the next optimizer step; a checkpoint of the work so far is kept."""
+    if run.job is None or run.job.state not in ACTIVE_STATES:
+        raise ConflictError("This training run is not queued or running.")
+    job_cancel(job_id=run.job_id, by=by)
+
+
+def training_run_retry(*, run: TrainingRun, by) -> None:
+    """Queue the run's job again; it resumes from the last checkpoint."""
+    if run.job is None or run.job.state not in (JobState.FAILED, JobState.CANCELLED):
+        raise ConflictError("Only a failed or cancelled training run can be retried.")
+    job_retry(job_id=run.job_id, by=by)
+
+
+# --- Executing a run (inside its job) --------------------------------------------------------
+
+
+def _checkpoint_step(checkpoint: Path | None) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint is not None else 0
+
+
+def _metric_row(run: TrainingRun, step: int, epoch: float, metrics: dict[str, float]) -> None:
+    def value(name: str) -> float | None:
+        number = metrics.get(name)
+        return float(number) if number is not None else None
+
+    TrainingMetric.objects.update_or_create(
+        run=run,
+        step=step,
+        defaults={
+            "epoch": float(epoch),
+            "loss": float(metrics.get("loss", metrics.get("nll", 0.0))),
+            "kl_privileged": value("kl_privileged"),
+            "kl_negative": value("kl_negative"),
+            "nll": value("nll"),
+            "lr": float(metrics.get("lr", 0.0)),
+            "grad_norm": value("grad_norm"),
+            "tokens": int(metrics.get("tokens", 0)),
+        },
+    )
+
+
+def final_metrics(run: TrainingRun) -> dict[str, Any]:
+    """The last step's metrics (what the registry shows)."""
+    last = run.metrics.order_by("-step").first()
+    if last is None:
+        return {}
+    values = {
+        "step": last.step,
+        "epoch": round(last.epoch, 3),
+        "loss": last.loss,
+        "kl_privileged": last.kl_privileged,
+        "kl_negative": last.kl_negative,
+        "nll": last.nll,
+        "lr": last.lr,
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def lineage(run: TrainingRun, result: Any) -> dict[str, Any]:
+    """The content of dail-training.json: the snapshot's problem ids plus where the adapter
+    came from (job, data, base model, settings, final metrics)."""
+    return {
+        "problem_ids": list(run.problem_ids),
+        "training_run": run.pk,
+        "name": run.name,
+        "job": run.job_id,
+        "created_at": run.created_at.isoformat(),
+        "finished_at": timezone.now().isoformat(),
+        "base_model": run.base_model_path,
+        "objective": run.objective,
+        "config": run.config,
+        "snapshot": {
+            "file": run.snapshot_file,
+            "sha256": run.snapshot_sha256,
+            "traces": run.snapshot_traces,
+            "trace_ids": list(run.trace_ids),
+            "expansion_runs": run.source_runs,
+            "shortcut_spans": run.snapshot_spans,
+            "excluded": run.excluded,
+        },
+        "fitting": {
+            "examples_used": run.examples_used,
+            "truncated": run.overlong_truncated,
+            "skipped": run.overlong_skipped,
+            "prompt_too_long": run.prompt_too_long,
+            "response_tokens_dropped": run.response_tokens_dropped,
+            "empty": run.empty_traces,
+        },
+        "global_step": result.global_step,
+        "total_steps": result.total_steps,
+        "final_metrics": run.final_metrics,
+    }
+
+
+def training_run_execute(
+    *,
+    training_run_id: int,
+    progress: Callable[[int, int, str], None],
+    log: Callable[[str], None],
+    should_stop: Callable[[], bool],
+) -> dict[str, Any]:
+    """Train (or resume) the run's adapter; returns a summary with "status" "completed" or
+    "cancelled". Raises DomainError when the data, the settings or the loss go wrong."""
+    from training.engine.trainer import (
+        CHECKPOINTS_DIR,
+        TrainingDataError,
+        TrainingDiverged,
+        TrainingProgress,
+        last_complete_checkpoint,
+        train_adapter,
+    )
+
+    run = TrainingRun.objects.get(pk=training_run_id)
+    config = training_config(dict(run.config))
+    output_dir = Path(run.output_dir)
+    checkpoint = last_complete_checkpoint(output_dir / CHECKPOINTS_DIR)
+    done = _checkpoint_step(checkpoint)
+    # Steps after the last checkpoint run again; their old metrics would be stale.
+    run.metrics.filter(step__gt=done).delete()
+    progress(done, run.total_steps, "reading the data snapshot")
+    records = read_snapshot(Path(run.snapshot_file), run.snapshot_sha256)
+    tokenizer = load_tokenizer(run.base_model_path)
+    examples, empty = training_examples(records, tokenizer, context_length(run.base_model_path))
+    kept, overlong = _fit(examples, config)
+    log(
+        f"snapshot: {len(records)} accepted traces from expansion run(s) "
+        f"{', '.join('#' + str(r['id']) for r in run.source_runs)} (SHA-256 "
+        f"{run.snapshot_sha256[:12]}…); {len(kept)} used, {overlong.truncated} truncated "
+        f"({overlong.response_tokens_dropped} tokens cut), {overlong.skipped} skipped as too "
+        f"long, {overlong.prompt_too_long} with a prompt longer than max_length, {empty} empty"
+    )
+    if len(kept) != run.examples_used:
+        raise DomainError(
+            f"The snapshot gives {len(kept)} examples now but gave {run.examples_used} at "
+            "launch (the base model's tokenizer changed?); refusing to train on other data."
+        )
+    progress(
+        done,
+        run.total_steps,
+        f"loading {run.base_model_name}"
+        + (f", resuming from {checkpoint.name}" if checkpoint else ""),
+    )
+    report_every = max(1, run.total_steps // 20)
+
+    def on_progress(report: TrainingProgress) -> None:
+        _metric_row(run, report.step, report.epoch, report.metrics)
+        stage = (
+            f"step {report.step} of {report.total_steps} · epoch "
+            f"{report.epoch:.2f} of {config.epochs}"
+        )
+        if report.step % report_every == 0 or report.step == report.total_steps:
+            shown = ", ".join(
+                f"{k} {report.metrics[k]:.4g}"
+                for k in ("loss", "kl_privileged", "kl_negative", "nll", "lr")
+                if k in report.metrics
+            )
+            log(f"step {report.step}/{report.total_steps}: {shown}")
+        progress(report.step, report.total_steps, stage)
+
+    if checkpoint is not None:
+        log(f"resuming from {checkpoint.name}")
+    try:
+        result = train_adapter(
+            run.base_model_path,
+            examples,
+            config,
+            output_dir,
+            on_progress=on_progress,
+            should_stop=should_stop,
+            pad_token_id=int(tokenizer.pad_token_id or 0),
+        )
+    except TrainingDiverged as exc:
+        last = last_complete_checkpoint(output_dir / CHECKPOINTS_DIR)
+        TrainingRun.objects.filter(pk=run.pk).update(last_checkpoint=str(last or ""))
+        kept_note = (
+            f"the last good checkpoint, {last.name}, is kept"
+            if last
+            else "no checkpoint had been saved yet"
+        )
+        raise DomainError(
+            f"Training diverged: {exc}. The job stopped; {kept_note}. Lower the learning rate "
+            "(or gamma) and launch a new run; a retry resumes from that checkpoint with the "
+            "same settings."
+        ) from exc
+    except TrainingDataError as exc:
+        raise DomainError(str(exc)) from exc
+
+    run.last_checkpoint = str(result.last_checkpoint or "")
+    run.total_steps = result.total_steps
+    summary: dict[str, Any] = {
+        "status": result.status,
+        "global_step": result.global_step,
+        "total_steps": result.total_steps,
+        "examples_used": result.examples_used,
+        "overlong": result.overlong.as_dict(),
+        "resumed_from": result.resumed_from.name if result.resumed_from else None,
+        "last_checkpoint": run.last_checkpoint,
+        "reference_cache": result.reference_cache,
+        "seconds": round(result.seconds, 1),
+    }
+    if result.status == "cancelled":
+        run.save(update_fields=["last_checkpoint", "total_steps"])
+        log(f"stopped at step {result.global_step}; checkpoint {run.last_checkpoint} kept")
+        return summary
+    run.adapter_path = str(result.adapter_dir)
+    run.final_metrics = final_metrics(run)
+    (Path(run.adapter_path) / LINEAGE_FILE).write_text(
+        json.dumps(lineage(run, result), indent=2, sort_keys=True) + "\n"
+    )
+    run.save(update_fields=["last_checkpoint", "total_steps", "adapter_path", "final_metrics"])
+    log(f"adapter written to {run.adapter_path} with {LINEAGE_FILE}")
+    return {**summary, "adapter": run.adapter_path, "final_metrics": run.final_metrics}
+
+
+# --- The adapter download --------------------------------------------------------------------
+
+
+def adapter_archive(*, run: TrainingRun) -> IO[bytes]:
+    """A zip of the run's adapter directory (rewound temporary file), or a DomainError."""
+    if not run.adapter_path:
+        raise DomainError("This training run has not produced an adapter (yet).")
+    adapter = Path(run.adapter_path)
+    if not (adapter / "adapter_config.json").is_file():
+        raise DomainError(f"The adapter directory {adapter} is gone or incomplete.")
+    archive: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115  (the response closes it)
+    folder = f"dail-adapter-{run.pk}"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zipped:
+        for path in sorted(adapter.rglob("*")):
+            if path.is_file():
+                zipped.write(path, f"{folder}/{path.relative_to(adapter)}")
+    archive.seek(0)
+    return archive
