@@ -236,6 +236,15 @@ class TrainingRun(models.Model):
         return int(self.config.get("epochs", 1))
 
     @property
+    def excluded_counts(self) -> list[tuple[str, int]]:
+        """Traces left out by review state, in the review states' order (PostgreSQL's jsonb
+        does not keep the stored key order)."""
+        from expansion.models import ReviewState
+
+        order = {state: i for i, state in enumerate(ReviewState.values)}
+        return sorted(self.excluded.items(), key=lambda item: (order.get(item[0], 99), item[0]))
+
+    @property
     def base_model_name(self) -> str:
         from pathlib import Path
 
