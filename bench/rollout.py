@@ -12,7 +12,10 @@ engine, so every sequence produces exactly the budget):
   target >= 4. With --quick the reference runs on the first 4 of the 32 sequences (its
   tokens/s does not depend on how many it runs, one after the other).
   Budgets: 64 tokens per sequence with --quick on CPU (128 without), 128 / 512 on CUDA.
-- R4 / R5 compare with vLLM and are not measured yet: there is no vLLM backend in this build.
+- R4 / R5 compare the vLLM backend with plain vLLM `generate` and with a per-token vLLM loop
+  (see `bench/rollout_vllm.py`): where vLLM is installed and the model is a directory, this
+  command runs that benchmark too, on the same model, workload and token budget, and puts its
+  ratios in the same table and JSON (`--no-vllm` leaves it out).
 
 Beside them: the fast engine's draft acceptance (drafted tokens equal to the rule's outcome),
 its fallback rate (tokens sampled from the verifier), and the share of tokens the reference
@@ -194,6 +197,34 @@ def agreement(reference: list[Any], fast: list[Any]) -> float:
     return same / total if total else 1.0
 
 
+def measure_vllm(
+    model_arg: str | None,
+    model_name: str,
+    budget: int,
+    rounds: int,
+    quick: bool,
+    tau: float | None,
+) -> tuple[dict[str, Any], str]:
+    """R4 / R5 from `bench.rollout_vllm` on the same model and budget: (its JSON, why not)."""
+    import importlib.util
+    import json
+    import tempfile
+
+    if importlib.util.find_spec("vllm") is None:
+        return {}, "vLLM is not installed"
+    if model_arg == RANDOM_05B:
+        return {}, "vLLM needs a model directory, not a random-initialised model"
+    from bench import rollout_vllm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "vllm.json"
+        argv = ["--model", model_name, "--tokens", str(budget), "--rounds", str(rounds)]
+        argv += ["--json", str(out)] + (["--quick"] if quick else [])
+        argv += ["--tau", str(tau)] if tau is not None else []
+        rollout_vllm.main(argv)
+        return json.loads(out.read_text()), ""
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench rollout", description=__doc__.split("\n")[0]
@@ -209,6 +240,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tokens", type=int, help="token budget per sequence")
     parser.add_argument("--rounds", type=int, help="timing rounds (median)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-vllm", action="store_true", help="do not measure R4 / R5")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -282,22 +314,28 @@ def main(argv: list[str]) -> int:
         }
         for name, value in ratios.items()
     ]
-    rows += [
-        {
-            "metric": "R4",
-            "value": None,
-            "target": "",
-            "met": "",
-            "what": "not measured yet: needs the vLLM backend",
-        },
-        {
-            "metric": "R5",
-            "value": None,
-            "target": "",
-            "met": "",
-            "what": "not measured yet: needs the vLLM backend",
-        },
-    ]
+    vllm_result, vllm_note = (
+        ({}, "left out (--no-vllm)")
+        if args.no_vllm
+        else (measure_vllm(args.model, model_name, budget, rounds, args.quick, args.tau))
+    )
+    from bench.rollout_vllm import TARGETS as VLLM_TARGETS
+
+    vllm_notes = {
+        "R4": "vLLM block rollout / plain vLLM generate, 32 seq",
+        "R5": "vLLM block rollout / per-token vLLM loop, 32 seq",
+    }
+    for name in ("R4", "R5"):
+        value = vllm_result.get("ratios", {}).get(name)
+        rows.append(
+            {
+                "metric": name,
+                "value": value,
+                "target": f">= {VLLM_TARGETS[name]}",
+                "met": "" if value is None else ("yes" if value >= VLLM_TARGETS[name] else "NO"),
+                "what": vllm_notes[name] if value is not None else f"not measured: {vllm_note}",
+            }
+        )
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     title = (
         f"Rollout throughput: {model_name} on {device.type} ({dtype}), {budget} tokens per sequence, "
@@ -345,7 +383,7 @@ def main(argv: list[str]) -> int:
             "reference_fallback_rate": ref_stats.fallback_rate,
             "reference_sequences": len(reference_requests),
             "agreement_with_reference": agree,
-            "not_measured": {"R4": "needs the vLLM backend", "R5": "needs the vLLM backend"},
+            "vllm": vllm_result or {"not_measured": vllm_note},
         },
     )
     return 0

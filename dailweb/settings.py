@@ -232,6 +232,10 @@ JOB_HEARTBEAT_SECONDS = env_int("DAIL_JOB_HEARTBEAT_SECONDS", 5)
 JOB_STALE_SECONDS = env_int("DAIL_JOB_STALE_SECONDS", 60)
 JOB_LOG_MAX_CHARS = 64_000
 
+# --- vLLM (expansion runs and evaluations with backend "vllm") ---------------------------
+# KV cache per engine in GiB; 0 leaves it to vLLM (on CPU: 30 % of RAM, on a GPU: 85 % of it).
+VLLM_KV_CACHE_GB = env_int("DAIL_VLLM_KV_CACHE_GB", 0)
+
 # --- Curation ----------------------------------------------------------------------------
 DAIL_UPLOAD_MAX_MB = env_int("DAIL_UPLOAD_MAX_MB", 20)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024  # form fields; files are limited separately

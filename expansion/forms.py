@@ -5,10 +5,23 @@ from __future__ import annotations
 from django import forms
 
 from curation.models import Dataset
+from expansion.engine.backend_vllm import vllm_unavailable_reason
 from expansion.engine.rollout import RolloutConfig
 from expansion.models import Backend, ReviewState
 
 _DEFAULTS = RolloutConfig.defaults()
+
+
+def label_unavailable_vllm(field: forms.ChoiceField) -> str:
+    """Label the "vllm" choice of a backend field "not available: why" where vLLM cannot run
+    here (launching it is refused by the services as well); returns the reason, '' if none."""
+    reason = vllm_unavailable_reason()
+    if reason:
+        field.choices = [
+            (value, f"{label} — not available: {reason}" if value == "vllm" else label)
+            for value, label in field.choices
+        ]
+    return reason
 
 
 class RunLaunchForm(forms.Form):
@@ -63,6 +76,10 @@ class RunLaunchForm(forms.Form):
     require_answers = forms.BooleanField(
         required=False, initial=True, help_text="Refuse verifiable problems without a final answer."
     )
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.vllm_unavailable = label_unavailable_vllm(self.fields["backend"])
 
     def rollout_settings(self) -> dict:
         data = self.cleaned_data

@@ -85,9 +85,15 @@ class WorkerProcess:
     """A real `celery worker` subprocess using the test database and broker."""
 
     def __init__(
-        self, name: str, queues: str, log_path: Path, env: dict[str, str] | None = None
+        self,
+        name: str,
+        queues: str,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
     ) -> None:
         self.extra_env = env or {}
+        self.extra_args = args or []
         self.name = name
         self.queues = queues
         self.log_path = log_path
@@ -116,7 +122,7 @@ class WorkerProcess:
         command = [
             sys.executable, "-m", "celery", "-A", "dailweb", "worker",
             "-Q", self.queues, "-c", "1", "-n", f"{self.name}@%h",
-            "--without-gossip", "--without-mingle", "--loglevel", "INFO",
+            "--without-gossip", "--without-mingle", "--loglevel", "INFO", *self.extra_args,
         ]  # fmt: skip
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
@@ -167,14 +173,18 @@ class WorkerProcess:
 
 @pytest.fixture
 def celery_worker_factory(broker_url, clean_queues, transactional_db, tmp_path):
-    """Start real worker processes: `start_worker(name="w1", queues="default,gpu")`."""
+    """Start real worker processes: `start_worker(name="w1", queues="default,gpu")`; `args`
+    go to `celery worker` (e.g. the product's `--max-tasks-per-child 1` for gpu workers)."""
     workers: list[WorkerProcess] = []
 
     def start_worker(
-        name: str = "test-worker", queues: str = "default,gpu", env: dict | None = None
+        name: str = "test-worker",
+        queues: str = "default,gpu",
+        env: dict | None = None,
+        args: list[str] | None = None,
     ) -> WorkerProcess:
         log = tmp_path / f"{name}-{len(workers)}.log"
-        worker = WorkerProcess(name, queues, log, env).start()
+        worker = WorkerProcess(name, queues, log, env, args).start()
         workers.append(worker)
         return worker
 

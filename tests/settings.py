@@ -33,3 +33,5 @@ USES_EMBEDDED_BROKER = False
 # Workers in tests notice dead jobs quickly.
 JOB_HEARTBEAT_SECONDS = 1
 JOB_STALE_SECONDS = 5
+# vLLM engines started by tests (and their workers) need little KV cache; leave RAM to the rest.
+VLLM_KV_CACHE_GB = 1

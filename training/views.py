@@ -23,8 +23,8 @@ from curation.models import Problem
 from dailweb.errors import DomainError, add_to_form
 from dailweb.rendering import render_markdown
 from dailweb.roles import Role, require_role
+from expansion.forms import label_unavailable_vllm
 from training import selectors
-from training.engine.evaluation import vllm_unavailable_reason
 from training.forms import EvaluationLaunchForm, RulingForm, TrainingLaunchForm
 from training.models import Evaluation, EvaluationSample, TrainingRun
 from training.services import evaluation as services
@@ -115,12 +115,11 @@ def evaluation_launch(request: HttpRequest) -> HttpResponse:
             else:
                 messages.success(request, f"Launched evaluation #{evaluation.pk} on the gpu queue.")
                 return redirect("training:detail", evaluation_id=evaluation.pk)
-    vllm_reason = vllm_unavailable_reason()
-    form.fields["backend"].choices = [
-        (value, f"{label} — not available: {vllm_reason}" if value == "vllm" else label)
-        for value, label in form.fields["backend"].choices
-    ]
-    context = {"form": form, "vllm_reason": vllm_reason, "adapters": _known_adapters()}
+    context = {
+        "form": form,
+        "vllm_reason": label_unavailable_vllm(form.fields["backend"]),
+        "adapters": _known_adapters(),
+    }
     return render(request, "training/evaluation_launch.html", context, status=status)
 
 

@@ -137,7 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     expand.add_argument("--top-n", type=int, default=5, help="PS/NR alternatives kept per token")
     expand.add_argument("--shortcut-threshold", type=float, default=1.0)
-    expand.add_argument("--engine", choices=["fast", "reference"], default="fast")
+    expand.add_argument(
+        "--engine",
+        choices=["fast", "reference", "vllm"],
+        default="fast",
+        help="fast: the batched transformers engine; reference: the per-token oracle; "
+        "vllm: blocks drafted and checked on a vLLM engine (scoring stays on transformers)",
+    )
+    expand.add_argument(
+        "--kv-cache-gb",
+        type=int,
+        default=0,
+        help="vllm engine: KV cache in GiB (0: vLLM's default share of the memory)",
+    )
     expand.add_argument("--chunk-problems", type=int, default=8, help="problems per rollout chunk")
     expand.add_argument("--quiet", action="store_true", help="no progress bars")
     defaults = RolloutConfig()
@@ -243,49 +255,63 @@ def expand(args: argparse.Namespace) -> dict[str, Any]:
     from expansion.engine.rollout_fast import TransformersBackend
     from expansion.engine.rollout_reference import ReferenceBackend
 
-    backend = TransformersBackend(model) if args.engine == "fast" else ReferenceBackend(model)
-    stats = RolloutStats()
+    if args.engine == "vllm":
+        from expansion.engine.backend_vllm import VllmBackend
+
+        options = {"kv_cache_memory_bytes": args.kv_cache_gb << 30} if args.kv_cache_gb else {}
+        if args.dtype:
+            options["dtype"] = args.dtype
+        backend = VllmBackend.from_model(model_path, adapter=args.adapter, **options)
+    elif args.engine == "fast":
+        backend = TransformersBackend(model)
+    else:
+        backend = ReferenceBackend(model)
+    stats = type(backend.last_stats)()  # the vLLM backend counts more (requests, ...)
     counts = {"traces": 0, "kept": 0, "errors": 0, "tokens": 0}
     partial_path = args.output.with_name(args.output.name + ".partial")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    with partial_path.open("w", encoding="utf-8") as out:
-        for start in range(0, len(problems), args.chunk_problems):
-            chunk = list(range(start, min(start + args.chunk_problems, len(problems))))
-            items = [
-                ExpansionItem(
-                    key=problems[i].problem_id,
-                    problem=problems[i].problem,
-                    solution=problems[i].solutions,
-                    partial_solution=partials[i],
-                    answer=problems[i].answer,
-                )
-                for i in chunk
-            ]
-            label = f"problems {chunk[0] + 1}-{chunk[-1] + 1}/{len(problems)}"
-            with _StageBars(label, args.quiet) as bars:
-                traces = expand_items(
-                    model,
-                    tokenizer,
-                    backend,
-                    items,
-                    config=config,
-                    samples=args.samples,
-                    templates=templates,
-                    reasoning=args.reasoning,
-                    top_n=args.top_n,
-                    shortcut_threshold=args.shortcut_threshold,
-                    max_prompt_tokens=max_prompt,
-                    progress=bars.update,
-                )
-            _add_stats(stats, backend.last_stats)
-            for trace in traces:
-                index = chunk[trace.item_index]
-                record = _trace_record(problems[index], trace, prompts[index], partials[index])
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                counts["traces"] += 1
-                counts["kept"] += int(trace.kept)
-                counts["errors"] += int(trace.finish_reason == "error")
-                counts["tokens"] += len(trace.arrays)
+    try:
+        with partial_path.open("w", encoding="utf-8") as out:
+            for start in range(0, len(problems), args.chunk_problems):
+                chunk = list(range(start, min(start + args.chunk_problems, len(problems))))
+                items = [
+                    ExpansionItem(
+                        key=problems[i].problem_id,
+                        problem=problems[i].problem,
+                        solution=problems[i].solutions,
+                        partial_solution=partials[i],
+                        answer=problems[i].answer,
+                    )
+                    for i in chunk
+                ]
+                label = f"problems {chunk[0] + 1}-{chunk[-1] + 1}/{len(problems)}"
+                with _StageBars(label, args.quiet) as bars:
+                    traces = expand_items(
+                        model,
+                        tokenizer,
+                        backend,
+                        items,
+                        config=config,
+                        samples=args.samples,
+                        templates=templates,
+                        reasoning=args.reasoning,
+                        top_n=args.top_n,
+                        shortcut_threshold=args.shortcut_threshold,
+                        max_prompt_tokens=max_prompt,
+                        progress=bars.update,
+                    )
+                _add_stats(stats, backend.last_stats)
+                for trace in traces:
+                    index = chunk[trace.item_index]
+                    record = _trace_record(problems[index], trace, prompts[index], partials[index])
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    counts["traces"] += 1
+                    counts["kept"] += int(trace.kept)
+                    counts["errors"] += int(trace.finish_reason == "error")
+                    counts["tokens"] += len(trace.arrays)
+    finally:
+        if args.engine == "vllm":
+            backend.close()
     partial_path.replace(args.output)
     summary = {
         "input": str(args.input),

@@ -29,6 +29,19 @@ FinishReason = Literal["eos", "length", "error"]
 ProgressCallback = Callable[[int, int], None]
 
 
+def token_reporter(progress: ProgressCallback | None, total: int) -> Callable[[int], None]:
+    """`report(tokens_done)`: adds up the tokens the engines finish and calls
+    `progress(done, total)` with the running sum (nothing when `progress` is None)."""
+    reported = [0]
+
+    def report(tokens_done: int) -> None:
+        reported[0] += tokens_done
+        if progress is not None:
+            progress(reported[0], total)
+
+    return report
+
+
 class RolloutError(ValueError):
     """A rollout setting or request is invalid."""
 

@@ -47,6 +47,7 @@ from expansion.engine.rollout import (
     RolloutStats,
     finished_result,
     non_finite_message,
+    token_reporter,
     validate_requests,
 )
 from expansion.engine.rollout_reference import resolve_config
@@ -79,13 +80,7 @@ def fast_rollout(
     validate_requests(requests, model_views.vocab_size(model))
     stats = stats if stats is not None else RolloutStats()
     started = time.perf_counter()
-    total = len(requests) * config.max_new_tokens
-    reported = [0]
-
-    def report(tokens_done: int) -> None:
-        reported[0] += tokens_done
-        if progress is not None:
-            progress(reported[0], total)
+    report = token_reporter(progress, len(requests) * config.max_new_tokens)
 
     results: list[RolloutResult] = []
     with model_views.grouped_attention(model):

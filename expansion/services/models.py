@@ -130,3 +130,29 @@ def prompt_texts_for_preview(
         return prompts.render_view_texts(tokenizer, problem, solution, partial_solution), ""
     except prompts.PromptError as exc:
         return user_turns, f"Showing the user turns only: {exc}."
+
+
+def vllm_rollout_backend(model_path: str | Path, adapter_path: str | Path | None = None):
+    """A vLLM engine for a job (an expansion run or an evaluation) in this worker process.
+
+    The engine runs in-process (a Celery pool process starts no children of its own), with
+    the configured KV cache (`DAIL_VLLM_KV_CACHE_GB`); with an adapter, LoRA is enabled and
+    the adapter is the learner view. The caller closes it (`.close()`) when the job is done.
+    """
+    from expansion.engine.backend_vllm import VllmBackend
+
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        raise DomainError(
+            f"vLLM needs a Hugging Face model directory (with config.json); {path} is not one. "
+            "Use the transformers backend for GGUF files."
+        )
+    options: dict = {"in_process": True}
+    if settings.VLLM_KV_CACHE_GB:
+        options["kv_cache_memory_bytes"] = settings.VLLM_KV_CACHE_GB << 30
+    try:
+        return VllmBackend.from_model(path, adapter=adapter_path or None, **options)
+    except ImportError as exc:
+        raise DomainError(f"vLLM is not installed on this worker: {exc}") from exc
+    except Exception as exc:  # vLLM raises many types at start-up; name the model
+        raise DomainError(f"Cannot start vLLM on {path}: {exc}") from exc

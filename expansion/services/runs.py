@@ -24,6 +24,7 @@ from curation.spans import Span
 from dailweb.errors import ConflictError, DomainError
 from dailweb.jobs.models import ACTIVE_STATES, Job, JobState
 from dailweb.jobs.services import job_cancel, job_launch, job_retry
+from expansion.engine.backend_vllm import vllm_unavailable_reason
 from expansion.engine.prompts import PromptError, PromptTemplates, thinking_end_token_ids
 from expansion.engine.rollout import RolloutConfig, RolloutError
 from expansion.models import Backend, ExpansionChunk, ExpansionRun, RunProblem, Trace
@@ -66,6 +67,8 @@ def _validated_config(settings: RunSettings) -> tuple[RolloutConfig, PromptTempl
         raise DomainError("Problems per chunk must be between 1 and 1000.")
     if settings.backend not in Backend.values:
         raise DomainError(f"Unknown backend {settings.backend!r}.")
+    if settings.backend == Backend.VLLM and (reason := vllm_unavailable_reason()):
+        raise DomainError(f"The vLLM backend cannot run here: {reason}.")
     if not settings.model_path.strip():
         raise DomainError("Choose a model.")
     if not settings.name.strip():
@@ -237,6 +240,7 @@ def expansion_chunk_execute(
     from expansion.engine.models import ModelLoadError, load_model
     from expansion.engine.pipeline import ExpansionItem, expand_items
     from expansion.engine.rollout_fast import TransformersBackend
+    from expansion.services.models import vllm_rollout_backend
 
     run = ExpansionRun.objects.get(pk=run_id)
     chunk = ExpansionChunk.objects.get(run=run, index=chunk_index)
@@ -255,8 +259,6 @@ def expansion_chunk_execute(
     if not todo:
         progress(total, total, "nothing left to expand")
         return {"problems": len(members), "expanded_now": 0}
-    if run.backend != Backend.TRANSFORMERS:
-        raise DomainError(f"The {run.backend} backend is not available to expansion runs yet.")
     model_path = Path(run.model_path)
     if not model_path.exists():
         raise DomainError(f"No model at {model_path}: the path does not exist.")
@@ -268,47 +270,58 @@ def expansion_chunk_execute(
     templates = PromptTemplates.from_dict(run.templates)
     if run.reasoning:  # the thinking section must not be closed during expansion
         config = dataclasses.replace(config, forbidden_token_ids=thinking_end_token_ids(tokenizer))
-    backend = TransformersBackend(model)
-    expanded_now = 0
-    for number, member in enumerate(todo, start=1):
-        item = ExpansionItem(
-            key=f"{member.problem.dataset_id}/{member.problem.external_id}",
-            problem=member.problem.statement,
-            solution=member.solution_version.body,
-            partial_solution=member.partial_solution,
-            answer=member.answer or None,
-        )
-        label = f"problem {member.problem.external_id} ({number}/{len(todo)})"
-
-        def report(stage: str, stage_done: int, stage_total: int, _base=done, _label=label) -> None:
-            fraction = stage_done / stage_total if stage_total else 0.0
-            share = 0.9 * fraction if stage == "rollout" else 0.9 + 0.1 * fraction
-            progress(_base + int(share * budget), total, f"{_label}: {stage}")
-
-        try:
-            traces = expand_items(
-                model,
-                tokenizer,
-                backend,
-                [item],
-                config=config,
-                samples=run.samples_per_problem,
-                templates=templates,
-                reasoning=run.reasoning,
-                top_n=run.top_n,
-                shortcut_threshold=run.shortcut_threshold,
-                progress=report,
+    if run.backend == Backend.VLLM:
+        # vLLM runs the rollout; the transformers model scores the finished traces.
+        log(f"starting vLLM on {model_path.name}")
+        backend = vllm_rollout_backend(model_path, run.adapter_path or None)
+    else:
+        backend = TransformersBackend(model)
+    try:
+        expanded_now = 0
+        for number, member in enumerate(todo, start=1):
+            item = ExpansionItem(
+                key=f"{member.problem.dataset_id}/{member.problem.external_id}",
+                problem=member.problem.statement,
+                solution=member.solution_version.body,
+                partial_solution=member.partial_solution,
+                answer=member.answer or None,
             )
-        except PromptError as exc:
-            raise DomainError(f"{member.problem.external_id}: {exc}") from exc
-        stored = _store_traces(member, traces, run.shortcut_threshold)
-        expanded_now += 1
-        done += budget
-        errors = [t for t in traces if t.finish_reason == "error"]
-        tokens = sum(len(t.arrays) for t in traces)
-        log(
-            f"{member.problem.external_id}: stored {stored} traces, {tokens} tokens"
-            + (f"; {len(errors)} failed: {errors[0].error}" if errors else "")
-        )
-        progress(done, total, f"{label}: stored")
-    return {"problems": len(members), "expanded_now": expanded_now}
+            label = f"problem {member.problem.external_id} ({number}/{len(todo)})"
+
+            def report(
+                stage: str, stage_done: int, stage_total: int, _base=done, _label=label
+            ) -> None:
+                fraction = stage_done / stage_total if stage_total else 0.0
+                share = 0.9 * fraction if stage == "rollout" else 0.9 + 0.1 * fraction
+                progress(_base + int(share * budget), total, f"{_label}: {stage}")
+
+            try:
+                traces = expand_items(
+                    model,
+                    tokenizer,
+                    backend,
+                    [item],
+                    config=config,
+                    samples=run.samples_per_problem,
+                    templates=templates,
+                    reasoning=run.reasoning,
+                    top_n=run.top_n,
+                    shortcut_threshold=run.shortcut_threshold,
+                    progress=report,
+                )
+            except PromptError as exc:
+                raise DomainError(f"{member.problem.external_id}: {exc}") from exc
+            stored = _store_traces(member, traces, run.shortcut_threshold)
+            expanded_now += 1
+            done += budget
+            errors = [t for t in traces if t.finish_reason == "error"]
+            tokens = sum(len(t.arrays) for t in traces)
+            log(
+                f"{member.problem.external_id}: stored {stored} traces, {tokens} tokens"
+                + (f"; {len(errors)} failed: {errors[0].error}" if errors else "")
+            )
+            progress(done, total, f"{label}: stored")
+        return {"problems": len(members), "expanded_now": expanded_now}
+    finally:
+        if run.backend == Backend.VLLM:
+            backend.close()

@@ -46,11 +46,22 @@ def launch_data(dataset, base, **overrides) -> dict:
     } | overrides
 
 
-def test_launch_form_shows_why_vllm_cannot_be_chosen():
-    response = client_for("admin").get(reverse("training:launch"))
-    assert response.status_code == 200
-    body = response.content.decode()
-    assert "cannot be chosen yet" in body and "vLLM" in body
+def test_launch_form_offers_vllm_where_it_is_installed():
+    body = client_for("admin").get(reverse("training:launch")).content.decode()
+    assert '<option value="vllm">vLLM (with LoRA adapters)</option>' in body
+    assert "cannot run here" not in body
+
+
+def test_launch_form_shows_why_vllm_cannot_be_chosen(monkeypatch):
+    from expansion import forms
+
+    monkeypatch.setattr(forms, "vllm_unavailable_reason", lambda: "vLLM is not installed here")
+    for url in (reverse("training:launch"), reverse("expansion:run_launch")):
+        response = client_for("admin").get(url)
+        assert response.status_code == 200
+        body = response.content.decode()
+        assert "not available: vLLM is not installed here" in body  # the choice's label
+        assert "cannot run here: vLLM is not installed here" in body  # the hint
 
 
 def test_launch_refuses_k_larger_than_n_at_the_form(tiny_model_path):

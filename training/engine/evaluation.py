@@ -9,8 +9,11 @@ verdicts into pass@k and pass@k-against-token-budget metrics.
   batches of `batch_size` copies of the same prompt (no padding needed) and each batch is
   seeded from `(seed, problem key, batch index)`. The same settings on the same device give
   the same samples, and a resumed job that regenerates only its missing batches gets what an
-  uninterrupted one would have. `vllm` is reserved for `expansion/engine/backend_vllm.py`
-  (being built separately); until it exists the switch says so instead of pretending.
+  uninterrupted one would have. `vllm` (`generate_completions_vllm`) samples on the engine of
+  `expansion.engine.backend_vllm.VllmBackend` (its adapter, if any, via `LoRARequest`): one
+  request per sample, seeded from (batch seed, sample index), so a sample does not depend on
+  which others share its batch. The two backends draw different random numbers: the same
+  seed gives different samples on each (the same distribution).
 - **Token counts.** A sample's tokens are the ones it generated before its end-of-sequence
   token (EOS itself not counted); a sample that never emitted EOS used all `max_new_tokens`
   and finished by `length`.
@@ -50,6 +53,7 @@ import numpy as np
 import torch
 
 from expansion.engine.answers import check_answer, last_boxed_answer
+from expansion.engine.backend_vllm import vllm_unavailable_reason
 from expansion.engine.prompts import LEARNER_TEMPLATE, PromptTemplates, chat_prompt_text
 from training.engine.metrics import PassAtKReport, pass_at_k_report
 
@@ -172,17 +176,6 @@ def batch_seed(seed: int, problem_key: str, batch_index: int) -> int:
     return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
 
 
-def vllm_unavailable_reason() -> str:
-    """Why evaluations cannot use vLLM on this machine ('' when they could)."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        return "vLLM is not installed on this machine"
-    if importlib.util.find_spec("expansion.engine.backend_vllm") is None:
-        return "the vLLM backend (expansion/engine/backend_vllm.py) is not built yet"
-    return "evaluation sampling through vLLM is not wired up yet"
-
-
 def backend_unavailable_reason(backend: str) -> str:
     if backend == "transformers":
         return ""
@@ -266,6 +259,60 @@ def generate_completions_transformers(
     return completions
 
 
+def sample_seed(batch_seed_value: int, sample_index: int) -> int:
+    """The vLLM seed of one sample of a batch (see the module docstring)."""
+    return batch_seed(batch_seed_value, "sample", sample_index) & ((1 << 31) - 1)
+
+
+def generate_completions_vllm(
+    sampler: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[int],
+    sample_indices: Sequence[int],
+    *,
+    settings: SamplingSettings,
+    seed: int,
+) -> list[Completion]:
+    """One batch on vLLM: `sampler` is a `backend_vllm.VllmBackend`, whose adapter (if set)
+    samples as the learner. The whole batch is one `generate` call."""
+    from vllm import SamplingParams, TokensPrompt
+
+    eos = set(sampler.default_eos_ids)
+    if tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    if not eos:
+        raise EvaluationError("the model and tokenizer name no end-of-sequence token")
+    params = [
+        SamplingParams(
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            max_tokens=settings.max_new_tokens,
+            seed=sample_seed(seed, int(index)),
+            stop_token_ids=sorted(eos),
+            detokenize=False,
+        )
+        for index in sample_indices
+    ]
+    prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
+    outputs = sampler.generate([prompt] * len(params), params, ["learner"] * len(params))
+    completions = []
+    for index, output in zip(sample_indices, outputs, strict=True):
+        ids = list(output.outputs[0].token_ids)
+        ended = bool(ids) and ids[-1] in eos
+        if ended:
+            ids = ids[:-1]  # EOS itself is not counted (as with transformers)
+        completions.append(
+            Completion(
+                sample_index=int(index),
+                text=tokenizer.decode(ids, skip_special_tokens=True),
+                token_count=len(ids),
+                finish_reason="eos" if ended else "length",
+                token_ids=tuple(ids),
+            )
+        )
+    return completions
+
+
 def generate_completions(
     backend: str,
     model: Any,
@@ -277,7 +324,8 @@ def generate_completions(
     seed: int,
     on_step: Callable[[int], None] | None = None,
 ) -> list[Completion]:
-    """The sampling switch: one batch of completions from the chosen backend."""
+    """The sampling switch: one batch of completions from the chosen backend (`model` is the
+    transformers model, or for "vllm" a `backend_vllm.VllmBackend`)."""
     if backend == "transformers":
         return generate_completions_transformers(
             model,
@@ -287,6 +335,10 @@ def generate_completions(
             settings=settings,
             seed=seed,
             on_step=on_step,
+        )
+    if backend == "vllm":
+        return generate_completions_vllm(
+            model, tokenizer, prompt_ids, sample_indices, settings=settings, seed=seed
         )
     raise BackendUnavailableError(
         f"The {backend} backend cannot run evaluations: {backend_unavailable_reason(backend)}."

@@ -29,6 +29,7 @@ from curation.models import Dataset, DatasetKind, Problem
 from dailweb.errors import ConflictError, DomainError
 from dailweb.jobs.models import ACTIVE_STATES, JobState
 from dailweb.jobs.services import job_cancel, job_launch, job_retry
+from expansion.services.models import vllm_rollout_backend
 from training.engine import evaluation as engine
 from training.models import (
     Evaluation,
@@ -361,8 +362,6 @@ def evaluation_execute(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Sample, judge and store every missing sample of the evaluation (progress in samples)."""
-    from expansion.engine.models import ModelLoadError, load_model
-
     evaluation = Evaluation.objects.get(pk=evaluation_id)
     n = evaluation.samples_per_problem
     members = list(
@@ -389,13 +388,44 @@ def evaluation_execute(
     )
     progress(done, total, f"loading {evaluation.model_label}")
     _check_model(evaluation.base_model_path, evaluation.adapter_path)
+    model, tokenizer = _load_sampler(evaluation)
     try:
-        model, tokenizer = load_model(
-            evaluation.base_model_path, adapter=evaluation.adapter_path or None
-        )
+        log(f"loaded {evaluation.model_label}; {len(todo)} of {len(members)} problems to sample")
+        return _sample_members(evaluation, members, todo, model, tokenizer, sampling, progress, log)
+    finally:
+        if evaluation.backend == EvaluationBackend.VLLM:
+            model.close()
+
+
+def _load_sampler(evaluation: Evaluation) -> tuple[Any, Any]:
+    """(model, tokenizer) for the evaluation's backend: the transformers model (with its
+    adapter), or a vLLM engine whose learner view is the adapter."""
+    from expansion.engine.models import ModelLoadError, load_model
+
+    if evaluation.backend == EvaluationBackend.VLLM:
+        from transformers import AutoTokenizer
+
+        sampler = vllm_rollout_backend(evaluation.base_model_path, evaluation.adapter_path or None)
+        return sampler, AutoTokenizer.from_pretrained(evaluation.base_model_path)
+    try:
+        return load_model(evaluation.base_model_path, adapter=evaluation.adapter_path or None)
     except ModelLoadError as exc:
         raise DomainError(f"Cannot load {evaluation.model_label}: {exc}") from exc
-    log(f"loaded {evaluation.model_label}; {len(todo)} of {len(members)} problems to sample")
+
+
+def _sample_members(
+    evaluation: Evaluation,
+    members: list,
+    todo: list,
+    model: Any,
+    tokenizer: Any,
+    sampling: engine.SamplingSettings,
+    progress: Callable[[int, int, str], None],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    n = evaluation.samples_per_problem
+    total = len(members) * n
+    done = sum(min(m.stored, n) for m in members)
     batches = engine.sample_batches(n, evaluation.batch_size)
     sampled_now = 0
     for number, member in enumerate(todo, start=1):

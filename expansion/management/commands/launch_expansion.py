@@ -8,6 +8,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from curation.models import Dataset, Problem
 from dailweb.errors import DomainError
+from expansion.models import Backend
 from expansion.services import base_model_dir
 from expansion.services.runs import RunSettings, expansion_run_launch
 
@@ -26,6 +27,12 @@ class Command(BaseCommand):
             "--model", default="", help="Model directory (default: the base model)."
         )
         parser.add_argument("--adapter", default="")
+        parser.add_argument(
+            "--backend",
+            choices=Backend.values,
+            default=Backend.TRANSFORMERS,
+            help="Rollout engine (vllm: needs vLLM on the gpu workers).",
+        )
         parser.add_argument("--samples", type=int, default=4)
         parser.add_argument("--chunk", type=int, default=4, help="Problems per chunk (job).")
         parser.add_argument(
@@ -48,6 +55,7 @@ class Command(BaseCommand):
                     name=o["name"] or f"{dataset.name} x{o['samples']}",
                     model_path=o["model"] or str(base_model_dir()),
                     adapter_path=o["adapter"],
+                    backend=o["backend"],
                     samples_per_problem=o["samples"],
                     rollout=rollout,
                     chunk_problems=o["chunk"],

@@ -1,0 +1,98 @@
+"""Launching expansion runs (no worker): refusals before anything is queued, pinning, chunks."""
+
+from __future__ import annotations
+
+import pytest
+
+from dailweb.errors import DomainError
+from dailweb.jobs.models import Job
+from expansion.models import ExpansionRun, RunProblem
+from expansion.services import runs
+from expansion.services.runs import RunSettings, expansion_run_launch
+from tests.factories import make_dataset, make_problem, make_user
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def queue(broker_url, clean_queues):
+    """Launching publishes to the test broker; the messages are purged between tests."""
+
+
+def launch(problems, **settings):
+    return expansion_run_launch(
+        settings=RunSettings(name="run", model_path="/models/any", **settings),
+        problem_ids=[p.pk for p in problems],
+        launched_by=make_user("admin"),
+    )
+
+
+def nothing_created() -> bool:
+    return not (ExpansionRun.objects.exists() or Job.objects.exists())
+
+
+def test_problems_without_answers_are_refused_with_the_offenders(queue):
+    dataset = make_dataset(kind="verifiable")
+    good = make_problem(dataset=dataset, statement="Find $x$ if $x = 1$.", answer="1")
+    bad = [
+        make_problem(dataset=dataset, statement=f"Find $y$ if $y = {i}$.", answer="")
+        for i in range(2)
+    ]
+    with pytest.raises(DomainError) as caught:
+        launch([good, *bad])
+    message = caught.value.message
+    assert "Nothing was queued: 2 problem(s) cannot be expanded" in message
+    for problem in bad:
+        assert f"{problem.external_id} (no final answer)" in message
+    assert good.external_id not in message
+    assert nothing_created()
+    # Proof-style use: answers not required.
+    run = launch([good, *bad], require_answers=False)
+    assert RunProblem.objects.filter(run=run).count() == 3
+
+
+def test_problems_without_a_solution_are_refused(queue):
+    problem = make_problem()
+    problem.versions.all().delete()
+    with pytest.raises(DomainError, match=rf"{problem.external_id} \(no solution\)"):
+        launch([problem])
+    assert nothing_created()
+
+
+def test_vllm_is_refused_where_it_cannot_run(queue, monkeypatch):
+    monkeypatch.setattr(runs, "vllm_unavailable_reason", lambda: "vLLM is not installed here")
+    with pytest.raises(DomainError, match="vLLM backend cannot run here: vLLM is not installed"):
+        launch([make_problem()], backend="vllm")
+    assert nothing_created()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"backend": "sglang"}, "Unknown backend 'sglang'"),
+        ({"samples_per_problem": 0}, "Samples per problem must be between 1 and"),
+        ({"chunk_problems": 0}, "Problems per chunk must be between 1 and 1000"),
+        ({"rollout": {"tau": 1.5}}, "tau"),
+    ],
+)
+def test_bad_settings_are_refused(queue, settings, message):
+    with pytest.raises(DomainError, match=message):
+        launch([make_problem()], **settings)
+    assert nothing_created()
+
+
+def test_launch_pins_versions_and_splits_into_gpu_chunks(queue):
+    dataset = make_dataset()
+    problems = [
+        make_problem(dataset=dataset, statement=f"Find $x$ if $x = {i}$.", answer=str(i))
+        for i in range(5)
+    ]
+    run = launch(problems, chunk_problems=2, backend="vllm")
+    assert run.backend == "vllm"
+    chunks = list(run.chunks.order_by("index"))
+    assert [c.run_problems.count() for c in chunks] == [2, 2, 1]
+    assert {c.job.queue for c in chunks} == {"gpu"}
+    for member in RunProblem.objects.filter(run=run):
+        newest = member.problem.versions.order_by("-number").first()
+        assert member.solution_version_id == newest.pk
+        assert member.partial_solution  # s~ rendered at launch
