@@ -235,6 +235,9 @@ JOB_LOG_MAX_CHARS = 64_000
 # --- vLLM (expansion runs and evaluations with backend "vllm") ---------------------------
 # KV cache per engine in GiB; 0 leaves it to vLLM (on CPU: 30 % of RAM, on a GPU: 85 % of it).
 VLLM_KV_CACHE_GB = env_int("DAIL_VLLM_KV_CACHE_GB", 0)
+# Whether launch forms offer vLLM: by default when this machine can import it; set to 1 where
+# the GPU workers have vLLM but the web server does not (docker/: the web image has no vLLM).
+VLLM_ON_WORKERS = env_bool("DAIL_VLLM_ON_WORKERS", False)
 
 # --- Curation ----------------------------------------------------------------------------
 DAIL_UPLOAD_MAX_MB = env_int("DAIL_UPLOAD_MAX_MB", 20)

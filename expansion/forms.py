@@ -5,9 +5,9 @@ from __future__ import annotations
 from django import forms
 
 from curation.models import Dataset
-from expansion.engine.backend_vllm import vllm_unavailable_reason
 from expansion.engine.rollout import RolloutConfig
 from expansion.models import Backend, ReviewState
+from expansion.services.models import vllm_launch_refusal
 
 _DEFAULTS = RolloutConfig.defaults()
 
@@ -15,7 +15,7 @@ _DEFAULTS = RolloutConfig.defaults()
 def label_unavailable_vllm(field: forms.ChoiceField) -> str:
     """Label the "vllm" choice of a backend field "not available: why" where vLLM cannot run
     here (launching it is refused by the services as well); returns the reason, '' if none."""
-    reason = vllm_unavailable_reason()
+    reason = vllm_launch_refusal()
     if reason:
         field.choices = [
             (value, f"{label} — not available: {reason}" if value == "vllm" else label)

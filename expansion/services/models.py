@@ -132,6 +132,16 @@ def prompt_texts_for_preview(
         return user_turns, f"Showing the user turns only: {exc}."
 
 
+def vllm_launch_refusal() -> str:
+    """Why a job with backend "vllm" may not be launched ('' when it may): vLLM must import
+    here, unless `DAIL_VLLM_ON_WORKERS` says the GPU workers have it (the job then checks)."""
+    from expansion.engine.backend_vllm import vllm_unavailable_reason
+
+    if settings.VLLM_ON_WORKERS:
+        return ""
+    return vllm_unavailable_reason()
+
+
 def vllm_rollout_backend(model_path: str | Path, adapter_path: str | Path | None = None):
     """A vLLM engine for a job (an expansion run or an evaluation) in this worker process.
 

@@ -24,10 +24,10 @@ from curation.spans import Span
 from dailweb.errors import ConflictError, DomainError
 from dailweb.jobs.models import ACTIVE_STATES, Job, JobState
 from dailweb.jobs.services import job_cancel, job_launch, job_retry
-from expansion.engine.backend_vllm import vllm_unavailable_reason
 from expansion.engine.prompts import PromptError, PromptTemplates, thinking_end_token_ids
 from expansion.engine.rollout import RolloutConfig, RolloutError
 from expansion.models import Backend, ExpansionChunk, ExpansionRun, RunProblem, Trace
+from expansion.services.models import vllm_launch_refusal
 
 EXPANSION_CHUNK_KIND = "expansion_chunk"
 MAX_SAMPLES = 256
@@ -67,7 +67,7 @@ def _validated_config(settings: RunSettings) -> tuple[RolloutConfig, PromptTempl
         raise DomainError("Problems per chunk must be between 1 and 1000.")
     if settings.backend not in Backend.values:
         raise DomainError(f"Unknown backend {settings.backend!r}.")
-    if settings.backend == Backend.VLLM and (reason := vllm_unavailable_reason()):
+    if settings.backend == Backend.VLLM and (reason := vllm_launch_refusal()):
         raise DomainError(f"The vLLM backend cannot run here: {reason}.")
     if not settings.model_path.strip():
         raise DomainError("Choose a model.")

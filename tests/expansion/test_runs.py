@@ -6,8 +6,8 @@ import pytest
 
 from dailweb.errors import DomainError
 from dailweb.jobs.models import Job
+from expansion.engine import backend_vllm
 from expansion.models import ExpansionRun, RunProblem
-from expansion.services import runs
 from expansion.services.runs import RunSettings, expansion_run_launch
 from tests.factories import make_dataset, make_problem, make_user
 
@@ -59,11 +59,15 @@ def test_problems_without_a_solution_are_refused(queue):
     assert nothing_created()
 
 
-def test_vllm_is_refused_where_it_cannot_run(queue, monkeypatch):
-    monkeypatch.setattr(runs, "vllm_unavailable_reason", lambda: "vLLM is not installed here")
+def test_vllm_is_refused_where_it_cannot_run(queue, monkeypatch, settings):
+    monkeypatch.setattr(backend_vllm, "vllm_unavailable_reason", lambda: "vLLM is not installed")
+    problem = make_problem()
     with pytest.raises(DomainError, match="vLLM backend cannot run here: vLLM is not installed"):
-        launch([make_problem()], backend="vllm")
+        launch([problem], backend="vllm")
     assert nothing_created()
+    # A web server without vLLM whose GPU workers have it (docker/): launching is allowed.
+    settings.VLLM_ON_WORKERS = True
+    assert launch([problem], backend="vllm").backend == "vllm"
 
 
 @pytest.mark.parametrize(

@@ -175,9 +175,11 @@ def test_problems_from_the_adapters_training_data_are_refused_or_flagged(
 
 
 def test_vllm_is_refused_with_the_reason_where_it_cannot_run(queue, tiny_model_path, monkeypatch):
-    from training.engine import evaluation as engine
+    from expansion.engine import backend_vllm
 
-    monkeypatch.setattr(engine, "vllm_unavailable_reason", lambda: "vLLM is not installed here")
+    monkeypatch.setattr(
+        backend_vllm, "vllm_unavailable_reason", lambda: "vLLM is not installed here"
+    )
     dataset, _ = problems(1)
     with pytest.raises(
         DomainError, match="vllm backend cannot run evaluations: vLLM is not installed here"

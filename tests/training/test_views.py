@@ -53,9 +53,11 @@ def test_launch_form_offers_vllm_where_it_is_installed():
 
 
 def test_launch_form_shows_why_vllm_cannot_be_chosen(monkeypatch):
-    from expansion import forms
+    from expansion.engine import backend_vllm
 
-    monkeypatch.setattr(forms, "vllm_unavailable_reason", lambda: "vLLM is not installed here")
+    monkeypatch.setattr(
+        backend_vllm, "vllm_unavailable_reason", lambda: "vLLM is not installed here"
+    )
     for url in (reverse("training:launch"), reverse("expansion:run_launch")):
         response = client_for("admin").get(url)
         assert response.status_code == 200

@@ -29,7 +29,7 @@ from curation.models import Dataset, DatasetKind, Problem
 from dailweb.errors import ConflictError, DomainError
 from dailweb.jobs.models import ACTIVE_STATES, JobState
 from dailweb.jobs.services import job_cancel, job_launch, job_retry
-from expansion.services.models import vllm_rollout_backend
+from expansion.services.models import vllm_launch_refusal, vllm_rollout_backend
 from training.engine import evaluation as engine
 from training.models import (
     Evaluation,
@@ -217,7 +217,11 @@ def evaluation_launch(*, settings: EvaluationSettings, launched_by) -> Evaluatio
     """Create an evaluation (problems and answers pinned) and queue its job on `gpu`."""
     if not settings.name.strip():
         raise DomainError("Give the evaluation a name.", field_errors={"name": "required"})
-    reason = engine.backend_unavailable_reason(settings.backend)
+    reason = (
+        vllm_launch_refusal()
+        if settings.backend == EvaluationBackend.VLLM
+        else engine.backend_unavailable_reason(settings.backend)
+    )
     if reason:
         raise DomainError(
             f"The {settings.backend} backend cannot run evaluations: {reason}. Choose "
