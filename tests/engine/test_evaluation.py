@@ -114,13 +114,19 @@ def test_each_step_is_reported_and_can_stop_the_batch(model, tiny_tokenizer):
         )  # fmt: skip
 
 
-def test_vllm_is_refused_honestly(model, tiny_tokenizer):
-    with pytest.raises(ev.BackendUnavailableError, match="vLLM|vllm"):
+def test_unknown_backends_are_refused_and_vllm_reports_why_it_is_missing(
+    model, tiny_tokenizer, monkeypatch
+):
+    with pytest.raises(ev.BackendUnavailableError, match="unknown backend 'tgi'"):
         ev.generate_completions(
-            "vllm", model, tiny_tokenizer, [1, 2], [0], settings=settings(), seed=0
+            "tgi", model, tiny_tokenizer, [1, 2], [0], settings=settings(), seed=0
         )
     assert ev.backend_unavailable_reason("transformers") == ""
-    assert ev.backend_unavailable_reason("vllm")
+    # Whether vLLM is installed here or not, the engine passes on the installation's own answer.
+    monkeypatch.setattr(ev, "vllm_unavailable_reason", lambda: "vLLM is not installed")
+    assert ev.backend_unavailable_reason("vllm") == "vLLM is not installed"
+    monkeypatch.setattr(ev, "vllm_unavailable_reason", lambda: "")
+    assert ev.backend_unavailable_reason("vllm") == ""
 
 
 @pytest.mark.parametrize(
