@@ -6,3 +6,6 @@ class CurationConfig(AppConfig):
 
     name = "curation"
     verbose_name = "Curation"
+
+    def ready(self) -> None:
+        from curation import jobs  # noqa: F401  (registers job kinds)

@@ -7,7 +7,9 @@ import json
 from django import forms
 
 from curation.models import Dataset, DatasetKind, WaypointOrigin, WaypointStatus
+from curation.services.problems import MAX_ANSWER_CHARS
 from curation.spans import Span
+from dailweb.forms import STORAGE_MAX, StrictIntegerField
 
 TEXTAREA = {"rows": 14, "spellcheck": "true", "class": "source"}
 
@@ -46,12 +48,20 @@ class WaypointsField(forms.CharField):
             return []
         try:
             items = json.loads(value)
-            return [
-                Span(int(s), int(e), o if o in WaypointOrigin.values else WaypointOrigin.EXPERT)
+            spans = [
+                Span(s, e, o if o in WaypointOrigin.values else WaypointOrigin.EXPERT)
                 for s, e, o in items
             ]
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             raise forms.ValidationError("The waypoints could not be read.") from exc
+        # Offsets are plain whole numbers: not "7", 7.0 or true.
+        if not all(_is_offset(span.start) and _is_offset(span.end) for span in spans):
+            raise forms.ValidationError("The waypoints could not be read.")
+        return spans
+
+
+def _is_offset(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= STORAGE_MAX
 
 
 class SolutionForm(forms.Form):
@@ -60,10 +70,12 @@ class SolutionForm(forms.Form):
     body = forms.CharField(
         label="Solution (Markdown + LaTeX)", widget=forms.Textarea(attrs=TEXTAREA), strip=False
     )
-    answer = forms.CharField(label="Final answer", required=False, max_length=2000)
+    answer = forms.CharField(label="Final answer", required=False, max_length=MAX_ANSWER_CHARS)
     note = forms.CharField(label="What changed", required=False, max_length=500)
     waypoints = WaypointsField(required=False)
     waypoints_body = forms.CharField(required=False, strip=False, widget=forms.HiddenInput)
+    # The version the editor was opened on: a save is refused when a newer one exists.
+    base_version = StrictIntegerField(min_value=0, required=False, widget=forms.HiddenInput)
 
 
 class ProblemCreateForm(SolutionForm):
@@ -103,7 +115,8 @@ class ProblemDetailsForm(forms.Form):
 
 
 class ImportForm(forms.Form):
-    file = forms.FileField(label="JSONL file")
+    # Empty files reach the import service, which refuses them as the command line does.
+    file = forms.FileField(label="JSONL file", allow_empty_file=True)
     dataset = forms.ModelChoiceField(
         Dataset.objects.all(), required=False, empty_label="— a new dataset —"
     )

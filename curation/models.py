@@ -38,6 +38,8 @@ class Dataset(models.Model):
 class Problem(models.Model):
     dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="problems")
     external_id = models.CharField(max_length=200)
+    # `curation.ordering.natural_sort_key(external_id)`, set at creation: lists sort by it.
+    external_id_order = models.CharField(max_length=400, default="", editable=False)
     statement = models.TextField()
     answer = models.TextField(blank=True)  # empty for proofs
     source = models.CharField(max_length=500, blank=True)
@@ -52,11 +54,14 @@ class Problem(models.Model):
     waypoint_status = models.CharField(max_length=16, default="none", db_index=True)
 
     class Meta:
-        ordering = ["dataset_id", "external_id"]
+        ordering = ["dataset_id", "external_id_order", "external_id"]
         constraints = [
             models.UniqueConstraint(fields=["dataset", "external_id"], name="problem_unique_id")
         ]
-        indexes = [models.Index(fields=["dataset", "updated_at"])]
+        indexes = [
+            models.Index(fields=["dataset", "updated_at"]),
+            models.Index(fields=["dataset", "external_id_order"], name="problem_natural_order"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.dataset.name}/{self.external_id}"

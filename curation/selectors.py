@@ -51,7 +51,7 @@ def problem_list(filters: ProblemFilters) -> QuerySet[Problem]:
         problems = problems.filter(waypoint_status=filters.waypoint_status)
     if filters.author_id:
         problems = problems.filter(author_id=filters.author_id)
-    return problems.order_by("dataset__name", "external_id")
+    return problems.order_by("dataset__name", "external_id_order", "external_id")
 
 
 def _current_versions(problem_ids: list[int]) -> dict[int, SolutionVersion]:

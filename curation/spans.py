@@ -6,7 +6,7 @@ Plain Python (no Django): used by the services, the importers and the tests alik
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -24,8 +24,16 @@ class SpanError(ValueError):
     """A span is empty, outside the text, or overlaps another; the message says which."""
 
 
+def quoted(text: str, limit: int = 60) -> str:
+    """A span's text for a message, as the list shows it (no escaping; long ones shortened)."""
+    text = " ".join(text.split())
+    return f"“{text if len(text) <= limit else text[: limit - 1] + '…'}”"
+
+
 def validate_spans(body: str, spans: Iterable[Span]) -> list[Span]:
-    """Spans in their given order, checked: inside `body`, non-empty, not overlapping."""
+    """Spans in their given order, checked: inside `body`, non-empty, not overlapping.
+
+    Messages number the waypoints as the list shows them (1-based, in the given order)."""
     checked = list(spans)
     for number, span in enumerate(checked, start=1):
         if not (0 <= span.start < span.end <= len(body)):
@@ -39,10 +47,57 @@ def validate_spans(body: str, spans: Iterable[Span]) -> list[Span]:
     for (first_no, first), (second_no, second) in zip(ordered, ordered[1:], strict=False):
         if second.start < first.end:
             raise SpanError(
-                f"Waypoints {first_no} ({first.text_in(body)!r}) and {second_no} "
-                f"({second.text_in(body)!r}) overlap."
+                f"Waypoints {first_no} {quoted(first.text_in(body))} and {second_no} "
+                f"{quoted(second.text_in(body))} overlap."
             )
     return checked
+
+
+@dataclass(frozen=True)
+class SpanAdded:
+    spans: list[Span]  # the new list
+    replaced: list[str]  # texts of the suggested waypoints the new span replaced
+
+
+def add_span(
+    body: str, spans: Sequence[Span], start: int, end: int, *, keep_text_order: bool = False
+) -> SpanAdded:
+    """Add an expert span (white space at its edges trimmed) to the list.
+
+    Suggested waypoints inside the new span are replaced by it (it takes the place of the
+    first of them in the list); any other overlap, or the same span again, is refused with a
+    message that names the waypoint as the list shows it."""
+    while start < end and body[start].isspace():
+        start += 1
+    while end > start and body[end - 1].isspace():
+        end -= 1
+    new = Span(start, end, "expert")
+    validate_spans(body, [new])
+    kept: list[Span] = []
+    replaced: list[str] = []
+    position = None
+    for number, span in enumerate(spans, start=1):
+        if (span.start, span.end) == (start, end):
+            raise SpanError(f"{quoted(new.text_in(body))} is already waypoint {number}.")
+        if not (span.start < end and start < span.end):
+            kept.append(span)
+            continue
+        if span.origin == "suggested" and start <= span.start and span.end <= end:
+            replaced.append(span.text_in(body))
+            position = len(kept) if position is None else position
+            continue
+        raise SpanError(
+            f"The selection {quoted(new.text_in(body))} overlaps waypoint {number} "
+            f"{quoted(span.text_in(body))} ({span.origin}): delete that waypoint first, "
+            "or select text that does not overlap it."
+        )
+    if position is not None:
+        kept.insert(position, new)
+    else:
+        kept.append(new)
+    if keep_text_order:
+        kept.sort(key=lambda s: s.start)
+    return SpanAdded(validate_spans(body, kept), replaced)
 
 
 def spans_for_strings(body: str, texts: Iterable[str], origin: str) -> tuple[list[Span], list[str]]:

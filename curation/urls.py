@@ -8,6 +8,15 @@ urlpatterns = [
     path("", views.problem_list, name="list"),
     path("new/", views.problem_create, name="create"),
     path("import/", views.problem_import, name="import"),
+    path("import/jobs/<int:job_id>/", views.problem_import_job, name="import_job"),
+    path(
+        "import/jobs/<int:job_id>/cancel/",
+        views.problem_import_job_cancel,
+        name="import_job_cancel",
+    ),
+    path(
+        "import/jobs/<int:job_id>/retry/", views.problem_import_job_retry, name="import_job_retry"
+    ),
     path("export/", views.problem_export, name="export"),
     path("datasets/new/", views.dataset_create, name="dataset_create"),
     path("editor/preview/", views.editor_preview, name="editor_preview"),

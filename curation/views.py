@@ -12,6 +12,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import get_user_model
 from django.core.paginator import Paginator
@@ -31,12 +32,15 @@ from curation.forms import (
     SolutionForm,
     split_tags,
 )
-from curation.models import Problem, WaypointOrigin
+from curation.models import Problem
 from curation.services import problems as problem_services
 from curation.services import suggestions, transfer
+from curation.services.editor import editor_action_apply
 from curation.spans import Span, SpanError, carry_spans, validate_spans
-from dailweb.errors import DomainError, add_to_form
-from dailweb.rendering import render_markdown, render_source_with_math
+from dailweb.errors import ConflictError, DomainError, add_to_form
+from dailweb.forms import plain_int
+from dailweb.jobs.models import Job
+from dailweb.rendering import render_markdown, render_source_with_math, render_spans_of
 from dailweb.roles import Role, require_role
 
 READERS = (Role.EXPERT, Role.REVIEWER, Role.ADMIN)
@@ -88,12 +92,21 @@ def _spans_of(version) -> list[Span]:
     return [Span(w.start, w.end, w.origin) for w in version.ordered_waypoints]
 
 
+def _waypoint_rows(body: str, spans: list[Span]) -> list[tuple]:
+    """(number as listed, span, source text, typeset text) for each waypoint."""
+    typeset = render_spans_of(body, [(s.start, s.end) for s in spans])
+    return [(i + 1, s, s.text_in(body), typeset[i]) for i, s in enumerate(spans)]
+
+
 def _method_context(*, statement: str, body: str, answer: str, spans: list[Span]) -> dict:
     previews, note = suggestions.prompt_previews(
         statement=statement, body=body, answer=answer, spans=spans
     )
     return {
         "partial_solution": suggestions.partial_solution_text(
+            body=body, answer=answer, spans=spans
+        ),
+        "partial_solution_html": suggestions.partial_solution_html(
             body=body, answer=answer, spans=spans
         ),
         "prompts": previews,
@@ -111,7 +124,7 @@ def problem_detail(request: HttpRequest, problem_id: int) -> HttpResponse:
         "version": version,
         "statement": render_markdown(problem.statement),
         "solution": render_markdown(version.body),
-        "waypoints": [(i + 1, s, s.text_in(version.body)) for i, s in enumerate(spans)],
+        "waypoints": _waypoint_rows(version.body, spans),
         "can_edit": problem_services.problem_can_edit(request.user, problem),
         **_method_context(
             statement=problem.statement, body=version.body, answer=problem.answer, spans=spans
@@ -134,7 +147,7 @@ def _editor_state(form: SolutionForm) -> tuple[str, str, list[Span], list[str]]:
 
 
 def _editor_context(
-    *, statement: str, body: str, answer: str, spans: list[Span], dropped=(), error=""
+    *, statement: str, body: str, answer: str, spans: list[Span], dropped=(), error="", notices=()
 ) -> dict:
     waypoint_error = error
     try:
@@ -146,11 +159,13 @@ def _editor_context(
     return {
         "preview": preview,
         "marking": render_source_with_math(body, [(s.start, s.end) for s in spans]),
-        "waypoints": [(i + 1, s, s.text_in(body)) for i, s in enumerate(spans)],
+        "waypoints": _waypoint_rows(body, spans),
+        "has_expert_waypoints": any(s.origin == "expert" for s in spans),
         "waypoints_json": json.dumps([[s.start, s.end, s.origin] for s in spans]),
         "waypoints_body": body,
         "dropped": list(dropped),
         "waypoint_error": waypoint_error,
+        "waypoint_notices": list(notices),
         **_method_context(statement=statement, body=body, answer=answer, spans=spans),
     }
 
@@ -162,11 +177,15 @@ def problem_edit(request: HttpRequest, problem_id: int) -> HttpResponse:
     version = problem.current_version
     if request.method == "POST":
         form = SolutionForm(request.POST)
+        conflict = None
         if form.is_valid():
             body, answer, spans, dropped = _editor_state(form)
+            base_version = form.cleaned_data["base_version"]
             try:
                 if body == version.body and answer == problem.answer:
-                    problem_services.waypoints_save(version=version, spans=spans)
+                    problem_services.waypoints_save(
+                        version=version, spans=spans, base_version=base_version
+                    )
                     messages.success(request, f"Saved the waypoints of version {version.number}.")
                 else:
                     revision = problem_services.solution_revise(
@@ -176,6 +195,7 @@ def problem_edit(request: HttpRequest, problem_id: int) -> HttpResponse:
                         author=request.user,
                         note=form.cleaned_data["note"],
                         waypoints=spans,
+                        base_version=base_version,
                     )
                     messages.success(request, f"Saved version {revision.version.number}.")
                     if dropped:
@@ -184,20 +204,41 @@ def problem_edit(request: HttpRequest, problem_id: int) -> HttpResponse:
                             "These waypoints no longer occur in the text and were not carried: "
                             + ", ".join(repr(d) for d in dropped),
                         )
+            except ConflictError as exc:
+                form.add_error(None, exc.message)
+                conflict = _edit_conflict(problem, base_version)
             except DomainError as exc:
                 form.add_error(None, exc.message)
             else:
                 return redirect("curation:detail", problem_id=problem.pk)
-        body = request.POST.get("body", version.body)
-        context = _editor_context(
-            statement=problem.statement,
-            body=body,
-            answer=request.POST.get("answer", ""),
-            spans=[],
-            error="",
+            # Nothing typed is lost: the text, answer, note and waypoints come back as posted.
+            context = _editor_context(
+                statement=problem.statement, body=body, answer=answer, spans=spans, dropped=dropped
+            )
+        else:
+            context = _editor_context(
+                statement=problem.statement,
+                body=request.POST.get("body", version.body),
+                answer=request.POST.get("answer", ""),
+                spans=[],
+                error="",
+            )
+        if conflict:
+            # The next save is made on top of the version now current (the user has seen it).
+            version = problem.versions.order_by("-number").first()
+            form.data = form.data.copy()
+            form.data["base_version"] = str(version.number)
+        context.update(
+            {
+                "problem": problem,
+                "version": version,
+                "form": form,
+                "conflict": conflict,
+                "details": _details_form(problem),
+            }
         )
-        context.update({"problem": problem, "version": version, "form": form})
-        return render(request, "curation/problem_edit.html", context, status=400)
+        status = ConflictError.status if conflict else 400
+        return render(request, "curation/problem_edit.html", context, status=status)
     spans = _spans_of(version)
     form = SolutionForm(
         initial={
@@ -205,6 +246,7 @@ def problem_edit(request: HttpRequest, problem_id: int) -> HttpResponse:
             "answer": problem.answer,
             "waypoints": json.dumps([[s.start, s.end, s.origin] for s in spans]),
             "waypoints_body": version.body,
+            "base_version": version.number,
         }
     )
     context = _editor_context(
@@ -215,16 +257,36 @@ def problem_edit(request: HttpRequest, problem_id: int) -> HttpResponse:
             "problem": problem,
             "version": version,
             "form": form,
-            "details": ProblemDetailsForm(
-                initial={
-                    "statement": problem.statement,
-                    "source": problem.source,
-                    "tags": ", ".join(problem.tags),
-                }
-            ),
+            "details": _details_form(problem),
         }
     )
     return render(request, "curation/problem_edit.html", context)
+
+
+def _details_form(problem: Problem) -> ProblemDetailsForm:
+    return ProblemDetailsForm(
+        initial={
+            "statement": problem.statement,
+            "source": problem.source,
+            "tags": ", ".join(problem.tags),
+        }
+    )
+
+
+def _edit_conflict(problem: Problem, base_version: int | None) -> dict | None:
+    """What the editor shows beside a refused save: the link to the diff between the version
+    the edit started from and the one saved since."""
+    current = problem.versions.order_by("-number").values_list("number", flat=True).first()
+    if base_version is None or current is None:
+        return None
+    diff_url = reverse("curation:versions", kwargs={"problem_id": problem.pk})
+    if 0 < base_version < current:
+        diff_url += f"?a={base_version}&b={current}"
+    return {
+        "base": base_version,
+        "current": current,
+        "diff_url": diff_url,
+    }
 
 
 @require_role(*WRITERS)
@@ -232,8 +294,8 @@ def problem_edit(request: HttpRequest, problem_id: int) -> HttpResponse:
 def editor_preview(request: HttpRequest) -> HttpResponse:
     """The live panel of the editor: rendered preview, marking pane, waypoints, s~, prompts.
 
-    Actions (`action`): refresh (default), add (a span `start`/`end`), delete / up / down
-    (`index`), suggest (replace with the suggested waypoints), clear.
+    Actions (`action`, applied by `editor_action_apply`): refresh (default), add (a span
+    `start`/`end`), delete / up / down (`index`), suggest, clear.
     """
     form = SolutionForm(request.POST)
     if not form.is_valid():
@@ -241,40 +303,34 @@ def editor_preview(request: HttpRequest) -> HttpResponse:
     statement = request.POST.get("statement", "")
     body, answer, spans, dropped = _editor_state(form)
     action = request.POST.get("action", "refresh")
-    error = ""
     try:
-        if action == "add":
-            start, end = int(request.POST["start"]), int(request.POST["end"])
-            # Trim white space at the edges of a selection.
-            while start < end and body[start].isspace():
-                start += 1
-            while end > start and body[end - 1].isspace():
-                end -= 1
-            candidate = [*spans, Span(start, end, WaypointOrigin.EXPERT)]
-            validate_spans(body, candidate)
-            spans = (
-                sorted(candidate, key=lambda s: s.start)
-                if request.POST.get("keep_text_order")
-                else candidate
-            )
-        elif action in {"delete", "up", "down"}:
-            index = int(request.POST["index"])
-            if not 0 <= index < len(spans):
-                raise SpanError("That waypoint does not exist any more.")
-            if action == "delete":
-                spans.pop(index)
-            else:
-                other = index - 1 if action == "up" else index + 1
-                if 0 <= other < len(spans):
-                    spans[index], spans[other] = spans[other], spans[index]
-        elif action == "suggest":
-            spans = suggestions.waypoints_suggest(body=body, answer=answer)
-        elif action == "clear":
-            spans = []
-    except (SpanError, KeyError, ValueError) as exc:
-        error = str(exc) if isinstance(exc, SpanError) else "The selection could not be read."
+        numbers = {
+            key: plain_int(request.POST[key])
+            for key in ("start", "end", "index")
+            if request.POST.get(key, "") != ""
+        }
+    except ValueError:
+        action, numbers = "refresh", {}
+        unreadable = "The selection could not be read."
+    else:
+        unreadable = ""
+    outcome = editor_action_apply(
+        body=body,
+        answer=answer,
+        spans=spans,
+        action=action,
+        keep_text_order=bool(request.POST.get("keep_text_order")),
+        **numbers,
+    )
+    outcome.error = unreadable or outcome.error
     context = _editor_context(
-        statement=statement, body=body, answer=answer, spans=spans, dropped=dropped, error=error
+        statement=statement,
+        body=body,
+        answer=answer,
+        spans=outcome.spans,
+        dropped=dropped,
+        error=outcome.error,
+        notices=outcome.notices,
     )
     return render(request, "curation/problem_edit.html#live-panel", context)
 
@@ -345,8 +401,8 @@ def problem_versions(request: HttpRequest, problem_id: int) -> HttpResponse:
     versions = list(selectors.solution_versions(problem))
     numbers = [v.number for v in versions]
     try:
-        new = int(request.GET.get("b", numbers[0]))
-        old = int(request.GET.get("a", numbers[1] if len(numbers) > 1 else numbers[0]))
+        new = plain_int(request.GET.get("b", str(numbers[0])))
+        old = plain_int(request.GET.get("a", str(numbers[1] if len(numbers) > 1 else numbers[0])))
     except ValueError:
         raise Http404("Version numbers are whole numbers.") from None
     by_number = {v.number: v for v in versions}
@@ -386,36 +442,92 @@ def problem_import(request: HttpRequest) -> HttpResponse:
     report = None
     status = 200
     if request.method == "POST" and form.is_valid():
-        upload = form.cleaned_data["file"]
-        if upload.size > transfer.upload_limit_bytes():
-            form.add_error(
-                "file",
-                f"The file is larger than the {transfer.upload_limit_bytes() // 2**20} MB upload limit.",
+        data = form.cleaned_data
+        upload = data["file"]
+        try:
+            transfer.upload_check_size(size=upload.size)
+            report = transfer.problems_import_jsonl(
+                data=upload.read(),
+                dataset=data["dataset"],
+                new_dataset=None
+                if data["dataset"]
+                else transfer.NewDataset(
+                    name=data["new_dataset_name"], kind=data["new_dataset_kind"] or "verifiable"
+                ),
+                author=request.user,
+                only_valid_lines=data["only_valid_lines"],
+                large_imports="job",
             )
-            status = 400
+        except DomainError as exc:
+            form.add_error(None, exc.message)
+            status = exc.status
         else:
-            try:
-                dataset = form.cleaned_data["dataset"] or problem_services.dataset_create(
-                    name=form.cleaned_data["new_dataset_name"],
-                    kind=form.cleaned_data["new_dataset_kind"] or "verifiable",
-                    created_by=request.user,
-                )
-                report = transfer.problems_import_jsonl(
-                    dataset=dataset,
-                    data=upload.read(),
-                    author=request.user,
-                    only_valid_lines=form.cleaned_data["only_valid_lines"],
-                )
-            except DomainError as exc:
-                form.add_error(None, exc.message)
-                status = exc.status
-            else:
-                status = 200 if report.imported else 400
-                if report.imported:
-                    messages.success(request, report.summary())
+            if report.job_id:
+                messages.success(request, report.summary())
+                return redirect("curation:import_job", job_id=report.job_id)
+            status = 200 if report.imported else 400
+            if report.imported:
+                messages.success(request, report.summary())
     elif request.method == "POST":
         status = 400
-    return render(request, "curation/import.html", {"form": form, "report": report}, status=status)
+    context = {
+        "form": form,
+        "report": report,
+        "upload_limit_mb": settings.DAIL_UPLOAD_MAX_MB,
+        "inline_max_lines": transfer.inline_max_lines(),
+    }
+    return render(request, "curation/import.html", context, status=status)
+
+
+def _import_job(request: HttpRequest, job_id: int):
+    try:
+        return transfer.problem_import_job_get(job_id=job_id, user=request.user)
+    except Job.DoesNotExist:
+        raise Http404(f"There is no import job #{job_id}.") from None
+
+
+def _import_job_page(request: HttpRequest, job, status: int = 200, error: str = "") -> HttpResponse:
+    context = {
+        "job": job,
+        "report": transfer.ImportReport.from_dict(job.result) if job.result else None,
+        "action_error": error,
+    }
+    template = (
+        "curation/import_job.html#import-status" if request.htmx else "curation/import_job.html"
+    )
+    return render(request, template, context, status=status)
+
+
+@require_role(*WRITERS)
+def problem_import_job(request: HttpRequest, job_id: int) -> HttpResponse:
+    """A large import's progress, cancel / retry, and its report (its launcher or admins)."""
+    return _import_job_page(request, _import_job(request, job_id))
+
+
+def _import_job_action(request: HttpRequest, job_id: int, action) -> HttpResponse:
+    _import_job(request, job_id)
+    try:
+        action(job_id=job_id, user=request.user)
+    except DomainError as exc:
+        if not request.htmx:
+            messages.error(request, exc.message)
+            return redirect("curation:import_job", job_id=job_id)
+        return _import_job_page(request, _import_job(request, job_id), exc.status, exc.message)
+    if request.htmx:
+        return _import_job_page(request, _import_job(request, job_id))
+    return redirect("curation:import_job", job_id=job_id)
+
+
+@require_role(*WRITERS)
+@require_POST
+def problem_import_job_cancel(request: HttpRequest, job_id: int) -> HttpResponse:
+    return _import_job_action(request, job_id, transfer.problem_import_job_cancel)
+
+
+@require_role(*WRITERS)
+@require_POST
+def problem_import_job_retry(request: HttpRequest, job_id: int) -> HttpResponse:
+    return _import_job_action(request, job_id, transfer.problem_import_job_retry)
 
 
 @require_role(*READERS)

@@ -53,7 +53,19 @@ class EmbeddedRedis:
         self.persistent = persistent
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "redis.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def spawn(self) -> subprocess.Popen:
+        """Start redis-server in the foreground (a child we reap) without waiting for it.
+
+        `manage.py up` supervises the returned process and restarts it from the append-only
+        file when it dies; `start()` also waits until it answers."""
         if ping(self.socket_path):
             raise EmbeddedRedisError(
                 f"A Redis server already answers on {self.socket_path}; is the workbench "
@@ -70,17 +82,26 @@ class EmbeddedRedis:
             "--dir", str(self.data_dir),
             "--save", "",
             "--loglevel", "warning",
-            "--logfile", str(self.data_dir / "redis.log"),
+            "--logfile", str(self.log_path),
+            "--daemonize", "no",  # stays our child: its death is seen and it is reaped
         ]  # fmt: skip
-        # Persistent: queued job messages survive a restart (append-only file).
+        # Persistent: queued job messages survive a restart (append-only file). Every write is
+        # synced: a job message is a few hundred bytes, and losing the last second of them on
+        # a crash would leave a job "queued" forever.
         args += ["--appendonly", "yes" if self.persistent else "no"]
+        if self.persistent:
+            args += ["--appendfsync", "always"]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        return self.process
+
+    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+        self.spawn()
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise EmbeddedRedisError(
-                    f"redis-server exited with code {self.process.returncode}; see "
-                    f"{self.data_dir / 'redis.log'}"
+                    f"redis-server exited with code {self.process.returncode}; see {self.log_path}"
                 )
             if ping(self.socket_path):
                 return self

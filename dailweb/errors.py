@@ -7,8 +7,8 @@ class DomainError(Exception):
     """A request that cannot be carried out, with a message meant for the person who asked.
 
     `field_errors` maps form field names to messages when the error belongs to specific input.
-    `status` is the HTTP status a view should answer with (400 bad input, 409 conflict,
-    503 a service such as the job queue is unreachable).
+    `status` is the HTTP status a view should answer with (400 bad input, 403 not theirs to
+    change, 409 conflict, 503 a service such as the job queue is unreachable).
     """
 
     status = 400
@@ -17,6 +17,12 @@ class DomainError(Exception):
         super().__init__(message)
         self.message = message
         self.field_errors = field_errors or {}
+
+
+class ForbiddenError(DomainError):
+    """The person asking may not do this to this object (their role allows the page)."""
+
+    status = 403
 
 
 class ConflictError(DomainError):

@@ -390,8 +390,9 @@ def render_source_with_math(text: str, marks: Sequence[tuple[int, int]] = ()) ->
     """The source with its formulas typeset and every piece tagged with its character span.
 
     `marks` (non-overlapping spans, e.g. waypoints) are highlighted: text is split at their
-    edges and pieces inside mark number n get `class="mark mark-n"` (formulas inside or
-    overlapping a mark are highlighted whole).
+    edges and pieces inside mark number n get `class="mark mark-n"`. A formula inside a mark
+    is typeset and highlighted whole; a formula a mark covers only in part is shown as its
+    source, so the highlight shows exactly what the mark covers.
     """
     parts: list[str] = []
     edges = sorted({0, len(text), *(p for mark in marks for p in mark if 0 <= p <= len(text))})
@@ -418,6 +419,17 @@ def render_source_with_math(text: str, marks: Sequence[tuple[int, int]] = ()) ->
     cursor = 0
     for span in find_math_spans(text):
         plain(cursor, span.start)
+        if any(
+            span.start < m_end
+            and m_start < span.end
+            and not (m_start <= span.start <= span.end <= m_end)
+            for m_start, m_end in marks
+        ):
+            # A mark covers part of this formula: its source is shown, so the highlight
+            # covers exactly the marked characters (a typeset formula is one piece).
+            plain(span.start, span.end)
+            cursor = span.end
+            continue
         rendered, _error = render_tex(span.tex, span.display)
         parts.append(
             f'<span class="{classes("src-math", span.start, span.end)}" '
@@ -427,3 +439,47 @@ def render_source_with_math(text: str, marks: Sequence[tuple[int, int]] = ()) ->
         cursor = span.end
     plain(cursor, len(text))
     return mark_safe("".join(parts))  # noqa: S308 - every piece escaped or KaTeX output
+
+
+# --- Short pieces: list cells, excerpts, waypoints ---------------------------------------------
+
+
+def render_inline(text: str) -> SafeString:
+    """One line of Markdown + LaTeX without a paragraph around it (list cells, waypoints)."""
+    env: dict[str, Any] = {"math_errors": []}
+    return mark_safe(_markdown.renderInline(text, env))  # noqa: S308 - escaped by markdown-it
+
+
+def render_excerpt(text: str, limit: int = 140) -> SafeString:
+    """The start of `text` (about `limit` characters, never ending inside a formula), on one
+    line, with its formulas typeset."""
+    flat = " ".join(text.split())
+    if len(flat) > limit:
+        cut = limit
+        for span in find_math_spans(flat):
+            if span.start < cut < span.end:
+                # A formula longer than the excerpt is kept whole up to twice the limit.
+                cut = span.end if span.end <= 2 * limit else span.start
+                break
+        flat = flat[:cut].rstrip() + "…"
+    return render_inline(flat)
+
+
+def render_spans_of(text: str, spans: Sequence[tuple[int, int]]) -> list[SafeString]:
+    """Each span of `text` typeset (waypoint lists): a piece of a formula's TeX as math, other
+    text as inline Markdown; TeX that KaTeX cannot typeset alone is shown as code."""
+    formulas = find_math_spans(text)
+    rendered: list[SafeString] = []
+    for start, end in spans:
+        piece = text[start:end]
+        inside = next((f for f in formulas if f.start < start and end < f.end), None)
+        if inside is not None and piece.strip():
+            html_out, error = render_tex(piece.strip(), False)
+            rendered.append(
+                mark_safe(html_out)  # noqa: S308 - KaTeX output
+                if error is None
+                else mark_safe(f"<code>{html.escape(piece)}</code>")  # noqa: S308 - escaped
+            )
+        else:
+            rendered.append(render_inline(piece))
+    return rendered

@@ -8,6 +8,7 @@ PostgreSQL and a Redis server instead. The README's configuration table lists ea
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -83,6 +84,24 @@ SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if HTTPS else None
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
+# Content-Security-Policy (django-csp): scripts, styles, fonts, images and requests from this
+# origin only; no inline script or style (no style="" attributes either), no eval. Templates
+# keep data in json_script blocks and widths in classes; htmx is configured in base.html to
+# inject no <style> and evaluate nothing; KaTeX is rendered as MathML (no inline styles).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'"],
+        "font-src": ["'self'"],
+        "connect-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'self'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    },
+}
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -94,6 +113,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_htmx",
     "template_partials",
+    "axes",  # login lockout (see "Login throttling" below)
+    "csp",
     "dailweb.apps.DailwebConfig",
     "dailweb.jobs.apps.JobsConfig",
     "curation.apps.CurationConfig",
@@ -103,6 +124,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -111,6 +133,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Last: turns a lockout noticed during authentication into the "locked" page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "dailweb.urls"
@@ -161,6 +185,37 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
 
+# Login throttling (django-axes): after DAIL_LOGIN_FAILURE_LIMIT failed logins for one username
+# (from any address) or from one client address (for any usernames), further logins for it are
+# refused until DAIL_LOGIN_COOLOFF_MINUTES after its last failure (0: until an admin unlocks it).
+# Attempts during a lockout do not extend it. Unlock: Django admin "Access attempts", or
+# `manage.py axes_reset_username NAME` / `axes_reset_ip ADDRESS`.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",  # first: refuses locked-out logins
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("DAIL_LOGIN_FAILURE_LIMIT", 5)
+if AXES_FAILURE_LIMIT < 1:
+    raise ImproperlyConfigured("DAIL_LOGIN_FAILURE_LIMIT must be at least 1.")
+LOGIN_COOLOFF_MINUTES = env_int("DAIL_LOGIN_COOLOFF_MINUTES", 15)
+if LOGIN_COOLOFF_MINUTES < 0:
+    raise ImproperlyConfigured("DAIL_LOGIN_COOLOFF_MINUTES must be 0 or more.")
+AXES_COOLOFF_TIME = timedelta(minutes=LOGIN_COOLOFF_MINUTES) if LOGIN_COOLOFF_MINUTES else None
+# Each list item is counted on its own: per username, and per address across usernames.
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+# A success does not clear the address's count, or an attacker with one account of their own
+# could interleave logins to guess other users' passwords without limit.
+AXES_RESET_ON_SUCCESS = False
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_LOCKOUT_CALLABLE = "dailweb.login_lockout.lockout_response"
+# The client address: REMOTE_ADDR, or behind DAIL_TRUSTED_PROXIES reverse proxies the address
+# the outermost of them saw (X-Forwarded-For, counted from the right).
+TRUSTED_PROXIES = env_int("DAIL_TRUSTED_PROXIES", 0)
+if TRUSTED_PROXIES < 0:
+    raise ImproperlyConfigured("DAIL_TRUSTED_PROXIES must be 0 or more.")
+AXES_CLIENT_IP_CALLABLE = "dailweb.login_lockout.client_ip_address"
+AXES_VERBOSE = False  # no start-up banner in every management command and worker
+
 # --- I18n --------------------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = env_str("TIME_ZONE", "UTC")
@@ -203,7 +258,14 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
+# A broker blip must not kill running work: a job talks to the database, not the broker, so
+# it keeps running while the worker reconnects. Its message may then be delivered again; the
+# runner claims rows by task id and drops a copy whose job is still alive (fresh heartbeat /
+# live process), so nothing runs twice. (True would terminate the job's process instead.)
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
+# Workers reconnect forever (default: give up after 100 tries); `./dev up` supervises them.
+CELERY_BROKER_CONNECTION_RETRY = True
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
 CELERY_TASK_TIME_LIMIT = env_int("DAIL_JOB_TIME_LIMIT_SECONDS", 7 * 24 * 3600)
 CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - 60
 # Must exceed the longest job, or Redis hands an unacknowledged job to a second worker.
@@ -231,6 +293,10 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(RUN_DIR / "celerybeat-schedule")
 JOB_HEARTBEAT_SECONDS = env_int("DAIL_JOB_HEARTBEAT_SECONDS", 5)
 JOB_STALE_SECONDS = env_int("DAIL_JOB_STALE_SECONDS", 60)
 JOB_LOG_MAX_CHARS = 64_000
+# Each worker writes a heartbeat row (dailweb.jobs.health); one older than the stale delay is a
+# worker that died: pages then say that its queue has no worker.
+WORKER_HEARTBEAT_SECONDS = env_int("DAIL_WORKER_HEARTBEAT_SECONDS", 10)
+WORKER_STALE_SECONDS = env_int("DAIL_WORKER_STALE_SECONDS", 35)
 
 # --- vLLM (expansion runs and evaluations with backend "vllm") ---------------------------
 # KV cache per engine in GiB; 0 leaves it to vLLM (on CPU: 30 % of RAM, on a GPU: 85 % of it).
@@ -241,6 +307,10 @@ VLLM_ON_WORKERS = env_bool("DAIL_VLLM_ON_WORKERS", False)
 
 # --- Curation ----------------------------------------------------------------------------
 DAIL_UPLOAD_MAX_MB = env_int("DAIL_UPLOAD_MAX_MB", 20)
+# An import page writing more lines than this (~2 ms each) hands the write to a
+# `problem_import` job on the `default` queue, written DAIL_IMPORT_BATCH_LINES per transaction.
+DAIL_IMPORT_INLINE_MAX_LINES = env_int("DAIL_IMPORT_INLINE_MAX_LINES", 2000)
+DAIL_IMPORT_BATCH_LINES = env_int("DAIL_IMPORT_BATCH_LINES", 200)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024  # form fields; files are limited separately
 FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 # The CHAMP package is loaded on first run by `./dev up` (manage.py load_champ).

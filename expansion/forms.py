@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 from django import forms
 
 from curation.models import Dataset
-from expansion.engine.rollout import RolloutConfig
+from dailweb.forms import StrictIntegerField
+from expansion.engine.answers import DEFAULT_KEPT_RULE, KEPT_RULES
+from expansion.engine.rollout import DEFAULT_ROLLOUT_PRESET, ROLLOUT_PRESETS, SEED_MAX
 from expansion.models import Backend, ReviewState
 from expansion.services.models import vllm_launch_refusal
 
-_DEFAULTS = RolloutConfig.defaults()
+PRESET_FIELDS = ("tau", "proposer", "temperature", "top_p", "top_k", "max_draws")
 
 
 def label_unavailable_vllm(field: forms.ChoiceField) -> str:
@@ -34,7 +38,7 @@ class RunLaunchForm(forms.Form):
         label="Or these problem ids",
         help_text="Comma- or space-separated external ids (within the dataset, if one is chosen).",
     )
-    limit = forms.IntegerField(
+    limit = StrictIntegerField(
         min_value=1, max_value=5000, required=False, help_text="At most this many problems."
     )
     model_path = forms.CharField(max_length=1000, label="Model directory")
@@ -42,32 +46,37 @@ class RunLaunchForm(forms.Form):
         max_length=1000, required=False, label="LoRA adapter as learner (optional)"
     )
     backend = forms.ChoiceField(choices=Backend.choices, initial=Backend.TRANSFORMERS)
-    samples_per_problem = forms.IntegerField(min_value=1, max_value=256, initial=4)
+    samples_per_problem = StrictIntegerField(min_value=1, max_value=256, initial=4)
+    preset = forms.ChoiceField(
+        label="Rollout preset",
+        choices=[(p.name, p.label) for p in ROLLOUT_PRESETS.values()],
+        initial=DEFAULT_ROLLOUT_PRESET,
+        help_text=" ".join(f"{p.label}: {p.source}" for p in ROLLOUT_PRESETS.values())
+        + " The six settings below are blank to take the preset's value; a value typed there "
+        "overrides it (the run records the preset and the overrides).",
+    )
     tau = forms.FloatField(
         min_value=0,
         max_value=1,
-        initial=_DEFAULTS.get("tau", 0.8),
-        help_text="0: pure learner sampling; 1: always the privileged view.",
+        required=False,
+        help_text="0: pure learner sampling; 1: always the privileged view. Blank: the preset's.",
     )
     proposer = forms.ChoiceField(
         label="Direction",
+        required=False,
         choices=[
+            ("", "from the preset"),
             ("learner", "learner proposes, privileged verifies"),
             ("privileged", "privileged proposes, learner verifies"),
         ],
-        initial=_DEFAULTS["proposer"],
     )
-    temperature = forms.FloatField(
-        min_value=0.01, max_value=5, initial=_DEFAULTS.get("temperature", 1.0)
-    )
-    top_p = forms.FloatField(min_value=0.01, max_value=1, initial=_DEFAULTS.get("top_p", 1.0))
-    top_k = forms.IntegerField(min_value=1, max_value=1000, initial=_DEFAULTS.get("top_k", 20))
-    max_draws = forms.IntegerField(
-        min_value=1, max_value=100, initial=_DEFAULTS.get("max_draws", 5)
-    )
-    max_new_tokens = forms.IntegerField(min_value=1, max_value=32768, initial=256)
-    seed = forms.IntegerField(min_value=0, initial=0)
-    chunk_problems = forms.IntegerField(
+    temperature = forms.FloatField(min_value=0.01, max_value=5, required=False)
+    top_p = forms.FloatField(min_value=0.01, max_value=1, required=False)
+    top_k = StrictIntegerField(min_value=1, max_value=1000, required=False)
+    max_draws = StrictIntegerField(min_value=1, max_value=100, required=False)
+    max_new_tokens = StrictIntegerField(min_value=1, max_value=32768, initial=256)
+    seed = StrictIntegerField(min_value=0, max_value=SEED_MAX, initial=0)
+    chunk_problems = StrictIntegerField(
         min_value=1, max_value=1000, initial=4, label="Problems per chunk"
     )
     reasoning = forms.BooleanField(
@@ -76,28 +85,37 @@ class RunLaunchForm(forms.Form):
     require_answers = forms.BooleanField(
         required=False, initial=True, help_text="Refuse verifiable problems without a final answer."
     )
+    kept_rule = forms.ChoiceField(
+        label="Kept rule",
+        choices=[(r.name, r.label) for r in KEPT_RULES.values()],
+        initial=DEFAULT_KEPT_RULE,
+        help_text=" ".join(f"{r.label}: {r.source}" for r in KEPT_RULES.values())
+        + " Every trace is stored either way; the rule marks which are kept.",
+    )
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.vllm_unavailable = label_unavailable_vllm(self.fields["backend"])
+        # Blank preset fields show the chosen preset's value (js/run_launch.js follows changes).
+        chosen = ROLLOUT_PRESETS.get(self.data.get("preset") or "", None)
+        values = (chosen or ROLLOUT_PRESETS[DEFAULT_ROLLOUT_PRESET]).settings
+        for name in PRESET_FIELDS:
+            widget = self.fields[name].widget
+            if name != "proposer":
+                widget.attrs["placeholder"] = f"preset: {values[name]}"
+        self.fields["preset"].widget.attrs["data-presets"] = json.dumps(
+            {p.name: {k: p.settings[k] for k in PRESET_FIELDS} for p in ROLLOUT_PRESETS.values()}
+        )
 
     def rollout_settings(self) -> dict:
+        """The rollout fields given explicitly (overrides of the preset)."""
         data = self.cleaned_data
-        keys = (
-            "tau",
-            "proposer",
-            "temperature",
-            "top_p",
-            "top_k",
-            "max_draws",
-            "max_new_tokens",
-            "seed",
-        )
-        return {k: data[k] for k in keys if k in _DEFAULTS}
+        chosen = {k: data[k] for k in PRESET_FIELDS if data.get(k) not in (None, "")}
+        return chosen | {"max_new_tokens": data["max_new_tokens"], "seed": data["seed"]}
 
 
 class TraceFilterForm(forms.Form):
-    run = forms.IntegerField(required=False, widget=forms.HiddenInput)
+    run = StrictIntegerField(required=False, widget=forms.HiddenInput)
     problem = forms.CharField(required=False)
     state = forms.ChoiceField(required=False, choices=[("", "any verdict"), *ReviewState.choices])
     correct = forms.ChoiceField(
@@ -128,10 +146,12 @@ class VerdictForm(forms.Form):
         choices=[(s, label) for s, label in ReviewState.choices if s != ReviewState.UNREVIEWED]
     )
     note = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}))
-    base_revision = forms.IntegerField(min_value=0)
+    base_revision = StrictIntegerField(min_value=0)
+    # Accepting a trace with a wrong, missing or cut-off answer needs this (the service checks).
+    confirm_incorrect = forms.BooleanField(required=False)
 
 
 class SpanForm(forms.Form):
-    start_token = forms.IntegerField(min_value=0)
-    end_token = forms.IntegerField(min_value=1)
+    start_token = StrictIntegerField(min_value=0)
+    end_token = StrictIntegerField(min_value=1)
     note = forms.CharField(required=False, max_length=2000)

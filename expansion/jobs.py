@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django import forms
 
+from dailweb.jobs.forms import LaunchForm
 from dailweb.jobs.launchers import DashboardLauncher, register_dashboard_launcher
 from dailweb.jobs.registry import JobKind, register_job_kind
 from dailweb.jobs.runner import JobContext
@@ -44,7 +45,7 @@ register_job_kind(
 )
 
 
-class ModelPrepareForm(forms.Form):
+class ModelPrepareForm(LaunchForm):
     force = forms.BooleanField(
         required=False, help_text="Convert again even if the model is already prepared."
     )

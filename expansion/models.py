@@ -14,6 +14,8 @@ from django.utils import timezone
 
 from curation.models import Problem, SolutionVersion
 from dailweb.jobs.models import Job
+from expansion.engine.answers import kept_rule_description
+from expansion.engine.rollout import ROLLOUT_PRESETS
 
 
 class Backend(models.TextChoices):
@@ -32,6 +34,13 @@ class ExpansionRun(models.Model):
     backend = models.CharField(max_length=16, choices=Backend.choices, default=Backend.TRANSFORMERS)
     # Snapshots, so a run is reproducible whatever changes later.
     rollout_config = models.JSONField()  # expansion.engine.rollout.RolloutConfig.to_dict()
+    # The preset the settings started from and the fields chosen explicitly over it ('' and {}:
+    # recorded before presets existed; rollout_config holds the settings used either way).
+    rollout_preset = models.CharField(max_length=32, blank=True, default="")
+    rollout_overrides = models.JSONField(default=dict, blank=True)
+    # expansion.engine.answers.KEPT_RULES; '' = recorded before kept rules were named (every
+    # correct trace, reasoning traces graded too; proofs one seeded trace).
+    kept_rule = models.CharField(max_length=32, blank=True, default="")
     templates = models.JSONField()  # expansion.engine.prompts.PromptTemplates.to_dict()
     reasoning = models.BooleanField(default=False)
     samples_per_problem = models.PositiveIntegerField()
@@ -44,6 +53,17 @@ class ExpansionRun(models.Model):
 
     def __str__(self) -> str:
         return f"run #{self.pk} {self.name}"
+
+    @property
+    def kept_rule_description(self) -> str:
+        return kept_rule_description(self.kept_rule)
+
+    @property
+    def rollout_preset_description(self) -> str:
+        preset = ROLLOUT_PRESETS.get(self.rollout_preset)
+        if preset is None:
+            return "none (recorded before presets existed, or launched without one)"
+        return f"{preset.label}. {preset.source}"
 
 
 class RunProblem(models.Model):
@@ -107,9 +127,9 @@ class Trace(models.Model):
     finish_reason = models.CharField(max_length=16)
     error = models.TextField(blank=True)
     answer_extracted = models.TextField(blank=True)
-    answer_correct = models.BooleanField(null=True)  # None: no answer to compare with
+    answer_correct = models.BooleanField(null=True)  # None: not graded (proof, reasoning trace)
     checkers_disagree = models.BooleanField(default=False)
-    kept = models.BooleanField(db_index=True)  # the release's filter (answer match / proof pick)
+    kept = models.BooleanField(db_index=True)  # by the run's kept rule
 
     # Review (the latest verdict; the full history is in Verdict).
     review_state = models.CharField(
@@ -151,8 +171,24 @@ class Verdict(models.Model):
         return f"{self.decision} by {self.reviewer} on {self.trace_id}"
 
 
+class LiveSpanManager(models.Manager):
+    """Spans not deleted: the default manager, so `trace.shortcut_spans`, the page, exports
+    and the training snapshot see only live spans without each remembering to filter."""
+
+    def get_queryset(self):
+        return super().get_queryset().filter(deleted_at__isnull=True)
+
+
+class AllSpansManager(models.Manager):
+    """Every span, deleted ones included (history)."""
+
+
 class ShortcutSpan(models.Model):
-    """Tokens [start_token, end_token) of a trace that a reviewer marked as a shortcut."""
+    """Tokens [start_token, end_token) of a trace that a reviewer marked as a shortcut.
+
+    Deleting keeps the row (`deleted_at`, `deleted_by`) as history; `objects` holds the live
+    spans, `all_objects` every span ever marked.
+    """
 
     trace = models.ForeignKey(Trace, on_delete=models.CASCADE, related_name="shortcut_spans")
     reviewer = models.ForeignKey(
@@ -162,6 +198,17 @@ class ShortcutSpan(models.Model):
     end_token = models.PositiveIntegerField()
     note = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
+    deleted_at = models.DateTimeField(null=True, blank=True)
+    deleted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+    )
+
+    objects = LiveSpanManager()
+    all_objects = AllSpansManager()
 
     class Meta:
         ordering = ["trace_id", "start_token"]

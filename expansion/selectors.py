@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from django.db.models import Count, Q, QuerySet, Sum
 
 from dailweb.jobs.models import ACTIVE_STATES, Job, JobState
-from expansion.models import ExpansionRun, ReviewState, Trace, Verdict
+from expansion.engine.trace_format import decode_trace
+from expansion.models import ExpansionRun, ReviewState, ShortcutSpan, Trace, Verdict
 
 SORTS = {
     "shortcut": "-shortcut_max",
@@ -192,6 +193,25 @@ def trace_detail(trace_id: int) -> Trace:
     ).get(pk=trace_id)
 
 
+def trace_accept_concerns(trace: Trace) -> list[str]:
+    """Why accepting this trace needs a confirmation: training reads accepted traces, so a
+    wrong, missing or cut-off answer should not slip in unnoticed. Empty: nothing to confirm.
+    A reasoning run's trace is the thinking section alone (ungraded, cut at its token budget
+    by design), so only failure counts there."""
+    concerns = []
+    if trace.finish_reason == "error":
+        concerns.append("the trace failed")
+    if trace.answer_correct is False:
+        concerns.append(
+            f"its final answer {trace.answer_extracted} is wrong"
+            if trace.answer_extracted
+            else "it has no final \\boxed{} answer"
+        )
+    if trace.finish_reason == "length" and not trace.run.reasoning:
+        concerns.append("it was cut off at the token limit")
+    return concerns
+
+
 def trace_neighbours(trace: Trace) -> tuple[int | None, int | None]:
     """Previous and next trace of the same run (in problem/sample order)."""
     same_run = Trace.objects.filter(run_id=trace.run_id).order_by(
@@ -223,6 +243,35 @@ class Agreement:
     reviewers: int
     latest: dict[str, str]  # reviewer -> decision
     agree: bool | None  # None with fewer than two reviewers
+
+
+def _with_texts(trace: Trace, spans: list[ShortcutSpan]) -> list[ShortcutSpan]:
+    """Each span gets `.text`, the trace text its tokens cover (the lists show it)."""
+    if spans:
+        arrays = decode_trace(bytes(trace.data))
+        starts, ends = arrays.char_starts, arrays.char_ends
+        for span in spans:
+            first = min(max(span.start_token, 0), len(arrays) - 1)
+            last = min(max(span.end_token - 1, first), len(arrays) - 1)
+            span.text = arrays.text[int(starts[first]) : int(ends[last])] if len(arrays) else ""
+    return spans
+
+
+def trace_spans(trace: Trace) -> list[ShortcutSpan]:
+    """The live shortcut spans of a trace, with who marked them and their text."""
+    return _with_texts(trace, list(trace.shortcut_spans.select_related("reviewer")))
+
+
+def trace_deleted_spans(trace: Trace) -> list[ShortcutSpan]:
+    """Spans deleted from a trace (history) with their text, newest deletion first."""
+    return _with_texts(
+        trace,
+        list(
+            ShortcutSpan.all_objects.filter(trace=trace, deleted_at__isnull=False)
+            .select_related("reviewer", "deleted_by")
+            .order_by("-deleted_at", "-pk")
+        ),
+    )
 
 
 def trace_agreement(verdicts: list[Verdict]) -> Agreement:

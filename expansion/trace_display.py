@@ -8,36 +8,24 @@ shortcut score; every other token is its own element. The raw view shows each to
 
 from __future__ import annotations
 
-import functools
 import html
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from django.utils.safestring import SafeString, mark_safe
 
 from dailweb.rendering import find_math_spans, render_tex
+from expansion.engine.tokenizer_cache import cached_tokenizer
 from expansion.engine.trace_format import TraceArrays
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(path: str, stamp: float):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 def tokenizer_for(model_path: str):
-    """The run's tokenizer (cached per process), or None when the model is not here."""
-    directory = Path(model_path)
-    config = directory / "tokenizer_config.json"
-    if not config.is_file():
-        return None
+    """The run's tokenizer (the process's one cache), or None when the model is not here."""
     try:
-        return _tokenizer(str(directory), config.stat().st_mtime)
+        return cached_tokenizer(model_path)
     except Exception:  # a broken tokenizer must not break the page
         return None
 

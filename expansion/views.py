@@ -12,8 +12,8 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from curation.models import Problem
 from dailweb.errors import DomainError
+from dailweb.forms import plain_id
 from dailweb.rendering import render_markdown, render_source_with_math
 from dailweb.roles import Role, require_role
 from expansion import selectors
@@ -23,6 +23,7 @@ from expansion.models import ExpansionRun, ShortcutSpan, Trace
 from expansion.services import base_model_dir, embedded_model_status
 from expansion.services import review as review_services
 from expansion.services import runs as run_services
+from expansion.services.whatif import trace_whatif_text
 from expansion.trace_display import tokenizer_for, trace_display
 
 REVIEWERS = (Role.REVIEWER, Role.ADMIN)
@@ -48,20 +49,11 @@ def run_list(request: HttpRequest) -> HttpResponse:
 
 def _selected_problem_ids(form: RunLaunchForm) -> list[int]:
     data = form.cleaned_data
-    problems = Problem.objects.all()
-    if data["dataset"]:
-        problems = problems.filter(dataset=data["dataset"])
-    wanted = [w for w in re.split(r"[\s,]+", data["problem_ids"] or "") if w]
-    if wanted:
-        problems = problems.filter(external_id__in=wanted)
-        found = set(problems.values_list("external_id", flat=True))
-        unknown = [w for w in wanted if w not in found]
-        if unknown:
-            raise DomainError(f"Unknown problem ids: {', '.join(unknown[:20])}.")
-    elif not data["dataset"]:
-        raise DomainError("Choose a dataset or list problem ids.")
-    ids = list(problems.order_by("dataset__name", "external_id").values_list("pk", flat=True))
-    return ids[: data["limit"]] if data["limit"] else ids
+    return run_services.run_problems_select(
+        dataset=data["dataset"],
+        external_ids=re.split(r"[\s,]+", data["problem_ids"] or ""),
+        limit=data["limit"],
+    )
 
 
 @require_role(Role.ADMIN)
@@ -80,7 +72,9 @@ def run_launch(request: HttpRequest) -> HttpResponse:
                         adapter_path=data["adapter_path"],
                         backend=data["backend"],
                         samples_per_problem=data["samples_per_problem"],
+                        preset=data["preset"],
                         rollout=form.rollout_settings(),
+                        kept_rule=data["kept_rule"],
                         chunk_problems=data["chunk_problems"],
                         reasoning=data["reasoning"],
                         require_answers=data["require_answers"],
@@ -198,8 +192,8 @@ def trace_next(request: HttpRequest) -> HttpResponse:
     after = request.GET.get("after")
     trace = review_services.trace_claim_next(
         reviewer=request.user,
-        run_id=int(run_id) if run_id and run_id.isdigit() else None,
-        after_trace_id=int(after) if after and after.isdigit() else None,
+        run_id=plain_id(run_id),
+        after_trace_id=plain_id(after),
     )
     if trace is None:
         messages.info(request, "No unreviewed traces left here. Well done.")
@@ -228,13 +222,16 @@ def _trace_context(request: HttpRequest, trace: Trace) -> dict:
         "statement": render_markdown(trace.run_problem.problem.statement),
         "solution": render_source_with_math(version.body, [(w.start, w.end) for w in waypoints]),
         "waypoints": [version.body[w.start : w.end] for w in waypoints],
+        "whatif_text": trace_whatif_text(trace=trace),
         "verdicts": verdicts,
         "agreement": selectors.trace_agreement(verdicts),
-        "spans": list(trace.shortcut_spans.select_related("reviewer")),
+        "spans": selectors.trace_spans(trace),
+        "deleted_spans": selectors.trace_deleted_spans(trace),
         "previous_id": previous_id,
         "next_id": next_id,
         "threshold": trace.run.shortcut_threshold,
         "verdict_form": VerdictForm(initial={"base_revision": trace.revision}),
+        "accept_concerns": selectors.trace_accept_concerns(trace),
     }
 
 
@@ -245,7 +242,13 @@ def trace_page(request: HttpRequest, trace_id: int) -> HttpResponse:
 
 
 def _review_panel(
-    request: HttpRequest, trace_id: int, *, error: str = "", status: int = 200, form=None
+    request: HttpRequest,
+    trace_id: int,
+    *,
+    error: str = "",
+    status: int = 200,
+    form=None,
+    confirm_open: bool = False,
 ) -> HttpResponse:
     trace = _get_trace(trace_id)
     verdicts = list(trace.verdicts.select_related("reviewer"))
@@ -253,9 +256,12 @@ def _review_panel(
         "trace": trace,
         "verdicts": verdicts,
         "agreement": selectors.trace_agreement(verdicts),
-        "spans": list(trace.shortcut_spans.select_related("reviewer")),
+        "spans": selectors.trace_spans(trace),
+        "deleted_spans": selectors.trace_deleted_spans(trace),
         "verdict_form": form or VerdictForm(initial={"base_revision": trace.revision}),
         "review_error": error,
+        "accept_concerns": selectors.trace_accept_concerns(trace),
+        "confirm_open": confirm_open,
     }
     return render(request, "expansion/trace.html#review-panel", context, status=status)
 
@@ -276,9 +282,17 @@ def trace_verdict(request: HttpRequest, trace_id: int) -> HttpResponse:
             decision=form.cleaned_data["decision"],
             note=form.cleaned_data["note"],
             base_revision=form.cleaned_data["base_revision"],
+            confirm_incorrect=form.cleaned_data["confirm_incorrect"],
         )
     except DomainError as exc:
-        return _review_panel(request, trace.pk, error=exc.message, status=exc.status, form=form)
+        return _review_panel(
+            request,
+            trace.pk,
+            error=exc.message,
+            status=exc.status,
+            form=form,
+            confirm_open="confirm_incorrect" in exc.field_errors,
+        )
     if request.POST.get("then") == "next":
         target = reverse("expansion:next") + f"?run={trace.run_id}&after={trace.pk}"
         if request.htmx:
@@ -322,7 +336,13 @@ def trace_span_delete(request: HttpRequest, trace_id: int, span_id: int) -> Http
     trace = _get_trace(trace_id)
     if not ShortcutSpan.objects.filter(pk=span_id, trace=trace).exists():
         raise Http404("No such span on this trace.")
-    review_services.shortcut_span_delete(span_id=span_id, reviewer=request.user)
+    try:
+        review_services.shortcut_span_delete(span_id=span_id, reviewer=request.user)
+    except DomainError as exc:
+        if request.htmx:
+            return _review_panel(request, trace.pk, error=exc.message, status=exc.status)
+        context = {**_trace_context(request, trace), "review_error": exc.message}
+        return render(request, "expansion/trace.html", context, status=exc.status)
     return (
         _review_panel(request, trace.pk)
         if request.htmx
@@ -340,7 +360,7 @@ def trace_export(request: HttpRequest) -> HttpResponse:
 
     from expansion.services import export
 
-    run_ids = [int(r) for r in request.GET.getlist("run") if r.isdigit()]
+    run_ids = [i for i in map(plain_id, request.GET.getlist("run")) if i is not None]
     if not run_ids:
         raise Http404("Choose at least one run (?run=ID).")
     states = [s for s in request.GET.getlist("state") if s] or list(export.DEFAULT_STATES)

@@ -7,15 +7,23 @@ import re
 from django import forms
 
 from curation.models import Dataset
-from training.engine.config import LORA_TARGETS
-from training.engine.evaluation import EVALUATION_TEMPLATE
-from training.models import EvaluationBackend, EvaluationSplit, Ruling, TrainingObjective
+from dailweb.forms import StrictIntegerField, plain_int
+from training.engine.config import LORA_TARGETS, SEED_MAX
+from training.engine.evaluation import DEFAULT_PROTOCOL, EVALUATION_PROTOCOLS, EVALUATION_TEMPLATE
+from training.engine.evaluation import SEED_MAX as EVALUATION_SEED_MAX
+from training.models import (
+    TRACE_FLAGS,
+    EvaluationBackend,
+    EvaluationSplit,
+    Ruling,
+    TrainingObjective,
+)
 
 
 def _int_list(value: str, label: str) -> list[int]:
     words = [w for w in re.split(r"[\s,;]+", value or "") if w]
     try:
-        numbers = [int(w) for w in words]
+        numbers = [plain_int(w) for w in words]
     except ValueError:
         raise forms.ValidationError(f"{label}: whole numbers separated by commas.") from None
     if not numbers:
@@ -53,19 +61,21 @@ class EvaluationLaunchForm(forms.Form):
         help_text="Held-out split: this share of the dataset, chosen by a seeded hash of each "
         "problem (a problem never changes side when others are added).",
     )
-    split_seed = forms.IntegerField(min_value=0, initial=0, required=False, label="Split seed")
+    split_seed = StrictIntegerField(
+        min_value=0, max_value=EVALUATION_SEED_MAX, initial=0, required=False, label="Split seed"
+    )
     problem_ids = forms.CharField(
         required=False,
         label="Problem ids",
         help_text="Listed ids: comma- or space-separated external ids (within the dataset, if one is chosen).",
     )
-    limit = forms.IntegerField(
+    limit = StrictIntegerField(
         min_value=1,
         max_value=5000,
         required=False,
         help_text="At most this many problems (the first in id order).",
     )
-    samples_per_problem = forms.IntegerField(
+    samples_per_problem = StrictIntegerField(
         min_value=1,
         max_value=1024,
         initial=8,
@@ -84,8 +94,15 @@ class EvaluationLaunchForm(forms.Form):
         min_value=0.01, max_value=5, initial=0.6, help_text="Paper: 0.6."
     )
     top_p = forms.FloatField(min_value=0.01, max_value=1, initial=0.95, help_text="Paper: 0.95.")
-    seed = forms.IntegerField(min_value=0, initial=0)
-    batch_size = forms.IntegerField(
+    protocol = forms.ChoiceField(
+        choices=[(p.name, p.label) for p in EVALUATION_PROTOCOLS.values()],
+        initial=DEFAULT_PROTOCOL,
+        required=False,  # absent (older clients): the workbench protocol
+        help_text=" ".join(f"{p.label}: {p.source}" for p in EVALUATION_PROTOCOLS.values())
+        + " Evaluations under different protocols are flagged as not comparable.",
+    )
+    seed = StrictIntegerField(min_value=0, max_value=EVALUATION_SEED_MAX, initial=0)
+    batch_size = StrictIntegerField(
         min_value=1,
         max_value=1024,
         initial=8,
@@ -107,6 +124,9 @@ class EvaluationLaunchForm(forms.Form):
 
     def clean_ks(self) -> list[int]:
         return _int_list(self.cleaned_data["ks"], "k values")
+
+    def clean_protocol(self) -> str:
+        return self.cleaned_data["protocol"] or DEFAULT_PROTOCOL
 
     def clean_budgets(self) -> list[int]:
         return _int_list(self.cleaned_data["budgets"], "Token budgets")
@@ -138,6 +158,13 @@ class ExpansionRunChoiceField(forms.ModelMultipleChoiceField):
         counts = (
             f" — {accepted} accepted of {obj.trace_count} traces" if accepted is not None else ""
         )
+        flagged = [
+            f"{getattr(obj, f'accepted_{flag}', 0)} {label}"
+            for flag, label in TRACE_FLAGS.items()
+            if getattr(obj, f"accepted_{flag}", 0)
+        ]
+        if flagged:
+            counts += f" (of those accepted: {', '.join(flagged)})"
         return f"#{obj.pk} {obj.name}{counts} · {obj.model_path}"
 
 
@@ -179,20 +206,50 @@ class TrainingLaunchForm(forms.Form):
         label="KL direction",
         help_text=_release("reverse"),
     )
+    leave_out = forms.MultipleChoiceField(
+        choices=(),
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        label="Leave these accepted traces out of the snapshot",
+        help_text="Counts per run are beside each run above; a trace can carry several flags. "
+        "Default: none left out — reviewers confirmed each acceptance, and the automatic "
+        "answer check can be wrong where a person is right. The choice and the counts left out "
+        "are recorded on the run. The release trains DAIL on the first correct trace per "
+        "problem (instruct models) or one ungraded trace (reasoning models, often cut at 256 "
+        "tokens).",
+    )
     shortcut_policy = forms.ChoiceField(
         choices=[
+            ("drop_position", "drop_position: marked tokens leave the loss (default)"),
             (
                 "drop_pull",
                 "drop_pull: marked tokens are not pulled toward PS, still pushed from NR",
             ),
-            ("drop_position", "drop_position: marked tokens leave the loss"),
             ("keep", "keep: ignore the reviewers' marks"),
         ],
         label="Reviewer-marked shortcut spans",
-        help_text="Default drop_pull (NLL: marked tokens leave the loss). The paper has no reviewer.",
+        help_text="drop_position (default): marked tokens get no gradient at all, so the model "
+        "learns nothing there, neither the shortcut nor anything else. drop_pull: only the push "
+        "−γ·KL(θ‖NR) acts on marked tokens; alone it is minimised by moving probability to "
+        "whatever token the negative reference finds least likely (usually junk), so it can "
+        "teach nonsense there (NLL: the tokens leave the loss). keep: marked tokens train like "
+        "any other, shortcut included. The paper has no reviewer, so none of these is the "
+        "release's.",
     )
-    lora_r = forms.IntegerField(min_value=1, max_value=1024, label="LoRA r", help_text=_release(32))
-    lora_alpha = forms.IntegerField(
+    loss_normalisation = forms.ChoiceField(
+        choices=[
+            ("per_sequence", "per sequence: every trace weighs the same (release)"),
+            ("per_token", "per token: long traces weigh more"),
+        ],
+        label="Loss normalisation",
+        help_text="per_sequence: the mean over each trace's response tokens, then the mean over "
+        "the traces of the effective batch — the release's (batch 1 per device, a per-sequence "
+        "batchmean, averaged by gradient accumulation). per_token: the mean over all response "
+        "tokens of the effective batch, so a trace twice as long counts twice (runs launched "
+        "before this setting existed trained this way).",
+    )
+    lora_r = StrictIntegerField(min_value=1, max_value=1024, label="LoRA r", help_text=_release(32))
+    lora_alpha = StrictIntegerField(
         min_value=1, max_value=4096, label="LoRA alpha", help_text=_release(32)
     )
     lora_dropout = forms.FloatField(
@@ -207,8 +264,14 @@ class TrainingLaunchForm(forms.Form):
     learning_rate = forms.FloatField(
         min_value=1e-8, max_value=0.5, label="Learning rate", help_text=_release("2e-4")
     )
-    warmup_steps = forms.IntegerField(
-        min_value=0, max_value=100000, label="Warm-up steps", help_text=_release(5)
+    warmup_steps = StrictIntegerField(
+        min_value=0,
+        max_value=100000,
+        label="Warm-up steps",
+        help_text="Must be 0 or fewer than the planned optimizer steps = ceil(ceil(traces / "
+        "micro-batch) / accumulation) × epochs (“Check data and steps” shows them): the first "
+        "warm-up step runs at learning rate 0, so a run that never leaves warm-up trains "
+        "little or nothing. " + _release(5),
     )
     lr_scheduler = forms.ChoiceField(
         choices=[(s, s) for s in ("linear", "cosine", "constant", "constant_with_warmup")],
@@ -216,22 +279,22 @@ class TrainingLaunchForm(forms.Form):
         help_text="Not stated by the paper; transformers' default is linear.",
     )
     weight_decay = forms.FloatField(min_value=0, max_value=1, help_text=_release(0.01))
-    effective_batch_size = forms.IntegerField(
+    effective_batch_size = StrictIntegerField(
         min_value=1,
         max_value=4096,
         label="Effective batch (traces per step)",
         help_text=_release(16),
     )
-    micro_batch_size = forms.IntegerField(
+    micro_batch_size = StrictIntegerField(
         min_value=1,
         max_value=256,
         label="Micro-batch",
         help_text="Traces per forward pass; must divide the effective batch.",
     )
-    epochs = forms.IntegerField(
+    epochs = StrictIntegerField(
         min_value=1, max_value=100, help_text="Release: 3 (reasoning) / 5 (instruct)."
     )
-    max_length = forms.IntegerField(
+    max_length = StrictIntegerField(
         min_value=16,
         max_value=131072,
         label="Maximum length (tokens)",
@@ -242,13 +305,14 @@ class TrainingLaunchForm(forms.Form):
         label="Traces longer than that",
         help_text="Counted and shown either way. The release truncates.",
     )
-    checkpoint_every = forms.IntegerField(
+    checkpoint_every = StrictIntegerField(
         min_value=1, max_value=100000, label="Checkpoint every (steps)", help_text=_release(50)
     )
-    seed = forms.IntegerField(min_value=0, max_value=2**31 - 1)
+    seed = StrictIntegerField(min_value=0, max_value=SEED_MAX)
 
     CONFIG_FIELDS = (
-        "objective", "gamma", "kl_direction", "shortcut_policy", "lora_r", "lora_alpha",
+        "objective", "gamma", "kl_direction", "shortcut_policy", "loss_normalisation",
+        "lora_r", "lora_alpha",
         "lora_dropout", "lora_targets", "learning_rate", "warmup_steps", "lr_scheduler",
         "weight_decay", "effective_batch_size", "micro_batch_size", "epochs", "max_length",
         "overlong_policy", "checkpoint_every", "seed",
@@ -258,12 +322,15 @@ class TrainingLaunchForm(forms.Form):
         from django.db.models import Count, Q
 
         from expansion.models import ExpansionRun
+        from training.services.training import accepted_flag_annotations
 
         super().__init__(*args, **kwargs)
         self.fields["expansion_runs"].queryset = ExpansionRun.objects.annotate(
             trace_count=Count("traces"),
             accepted_count=Count("traces", filter=Q(traces__review_state="accepted")),
+            **accepted_flag_annotations(),
         ).order_by("-created_at", "-id")
+        self.fields["leave_out"].choices = list(TRACE_FLAGS.items())
 
     def config_values(self) -> dict:
         """The engine's settings from the cleaned data (DailTrainingConfig field names)."""

@@ -67,6 +67,9 @@ class Evaluation(models.Model):
     batch_size = models.PositiveIntegerField(default=8)
     prompt_template = models.TextField()
     reasoning = models.BooleanField(default=False)
+    # training.engine.evaluation.EVALUATION_PROTOCOLS: "workbench" (plain sampling; every
+    # evaluation before protocols were named) or "release" (the paper's eval/eval.py).
+    protocol = models.CharField(max_length=16, default="workbench")
 
     # Training-data overlap (from the adapter's dail-training.json, when it has one).
     training_snapshot = models.CharField(max_length=1000, blank=True)  # the file read, if any
@@ -82,6 +85,13 @@ class Evaluation(models.Model):
     @property
     def max_new_tokens(self) -> int:
         return max(self.budgets)
+
+    @property
+    def protocol_description(self) -> str:
+        from training.engine.evaluation import EVALUATION_PROTOCOLS
+
+        known = EVALUATION_PROTOCOLS.get(self.protocol)
+        return f"{known.label}. {known.source}" if known else f"unknown protocol {self.protocol!r}"
 
     @property
     def model_label(self) -> str:
@@ -122,7 +132,8 @@ class EvaluationSample(models.Model):
     sample_index = models.PositiveIntegerField()
     text = models.TextField()
     token_count = models.PositiveIntegerField()
-    finish_reason = models.CharField(max_length=16)  # eos | length
+    finish_reason = models.CharField(max_length=16)  # eos | length | stop (a stop string)
+    forced_tokens = models.PositiveIntegerField(default=0)  # of token_count: force-answer pass
     created_at = models.DateTimeField(default=timezone.now)
 
     # The automatic verdict.
@@ -181,6 +192,30 @@ class TrainingObjective(models.TextChoices):
     NLL = "nll", "NLL baseline (SFT on the traces)"
 
 
+# Flags of accepted traces the launch counts and can leave out (conditions:
+# training.services.training.trace_flag_q), in display order: flag -> label.
+TRACE_FLAGS: dict[str, str] = {
+    "incorrect": "incorrect answer",
+    "no_answer": "no answer found",
+    "truncated": "truncated at the token budget",
+    "not_kept": "not kept by the run's kept rule",
+}
+
+
+def data_filter_rows(data_filter: dict) -> list[tuple[str, int, int | None]]:
+    """(label, accepted traces with the flag, left out or None when kept in) per flag of a
+    run's `data_filter`; empty for runs launched before flags were counted."""
+    if not data_filter:
+        return []
+    flagged = data_filter.get("flagged", {})
+    left_out = data_filter.get("left_out", {})
+    chosen = set(data_filter.get("leave_out", []))
+    return [
+        (label, int(flagged.get(flag, 0)), int(left_out.get(flag, 0)) if flag in chosen else None)
+        for flag, label in TRACE_FLAGS.items()
+    ]
+
+
 class TrainingRun(models.Model):
     name = models.CharField(max_length=200)
     created_by = models.ForeignKey(
@@ -205,6 +240,9 @@ class TrainingRun(models.Model):
     snapshot_traces = models.PositiveIntegerField(default=0)
     snapshot_spans = models.PositiveIntegerField(default=0)  # reviewer-marked shortcut spans
     excluded = models.JSONField(default=dict, blank=True)  # review state -> traces left out
+    # Accepted traces by flag (incorrect, no answer, truncated, not kept), which flags the
+    # admin chose to leave out, and how many were: training.services.training.TrainingPlan.
+    data_filter = models.JSONField(default=dict, blank=True)
 
     # What fitting to max_length did (computed at launch, confirmed by the job).
     examples_used = models.PositiveIntegerField(default=0)
@@ -220,12 +258,32 @@ class TrainingRun(models.Model):
     last_checkpoint = models.CharField(max_length=1000, blank=True)
     adapter_path = models.CharField(max_length=1000, blank=True)  # set when training finished
     final_metrics = models.JSONField(default=dict, blank=True)
+    # ||LoRA update||_F of the adapter (training.engine.adapter_motion); None: no adapter yet.
+    update_norm = models.FloatField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
 
     def __str__(self) -> str:
         return f"training run #{self.pk} {self.name}"
+
+    @property
+    def did_not_move(self) -> bool:
+        """The adapter's update is (about) zero: it changes nothing about the base model."""
+        from training.engine.adapter_motion import did_not_move
+
+        return did_not_move(self.update_norm)
+
+    @property
+    def data_filter_rows(self) -> list[tuple[str, int, int | None]]:
+        return data_filter_rows(self.data_filter)
+
+    @property
+    def loss_normalisation(self) -> str:
+        """The run's recorded normalisation (runs stored before the setting: per token)."""
+        from training.engine.config import LEGACY_DEFAULTS
+
+        return str(self.config.get("loss_normalisation", LEGACY_DEFAULTS["loss_normalisation"]))
 
     @property
     def gamma(self) -> float:

@@ -89,6 +89,8 @@ class EvaluationResult:
     pending_rulings: int
     rulings: int
     overturned: int  # rulings that differ from the checkers' verdict
+    forced: int = 0  # samples given a force-answer pass (release protocol)
+    forced_tokens: int = 0  # tokens those passes generated (counted in the samples' tokens)
 
     @property
     def correct_share(self) -> float | None:
@@ -140,6 +142,7 @@ def _results(evaluations: Sequence[Evaluation]) -> list[EvaluationResult]:
         "has_answer",
         "checkers_disagree",
         "finish_reason",
+        "forced_tokens",
     ):
         samples[row[0]].append(row[1:])
     results = []
@@ -151,9 +154,13 @@ def _results(evaluations: Sequence[Evaluation]) -> list[EvaluationResult]:
         for member in members[evaluation.pk]:
             stored = samples[member.pk]
             judged = []
-            for tokens, auto, ruling, boxed, disagree, finish in stored:
+            for tokens, auto, ruling, boxed, disagree, finish, forced in stored:
                 correct = ruling == Ruling.CORRECT if ruling else auto
-                judged.append(engine.SampleOutcome(correct=correct, tokens=tokens))
+                judged.append(
+                    engine.SampleOutcome(correct=correct, tokens=tokens, forced_tokens=forced)
+                )
+                totals["forced"] += bool(forced)
+                totals["forced_tokens"] += forced
                 totals["correct"] += correct
                 totals["truncated"] += finish == "length"
                 totals["boxed"] += boxed
@@ -201,6 +208,8 @@ def _results(evaluations: Sequence[Evaluation]) -> list[EvaluationResult]:
                 pending_rulings=totals["pending"],
                 rulings=totals["rulings"],
                 overturned=totals["overturned"],
+                forced=totals["forced"],
+                forced_tokens=totals["forced_tokens"],
             )
         )
     return results
@@ -230,6 +239,13 @@ def _differences(
     evaluations: Sequence[Evaluation], problem_sets: list[frozenset[int]]
 ) -> list[str]:
     warnings = []
+    protocols = {e.protocol for e in evaluations}
+    if len(protocols) > 1:
+        warnings.append(
+            f"Not comparable: the evaluations used different sampling protocols "
+            f"({', '.join(sorted(protocols))}); the release protocol's presence penalty, stop "
+            "at </think> and forced answers change what is counted."
+        )
     if len(set(problem_sets)) > 1:
         common = frozenset.intersection(*problem_sets)
         warnings.append(
@@ -481,3 +497,36 @@ def negative_term_warning(run: TrainingRun, points: Sequence[dict[str, Any]] | N
 def adapter_registry() -> QuerySet[TrainingRun]:
     """Training runs that produced an adapter, newest first."""
     return training_run_list().exclude(adapter_path="")
+
+
+def adapter_did_not_move(adapter_path: str) -> bool:
+    """Whether the adapter at `adapter_path` changes nothing (its LoRA update norm is zero):
+    the recorded norm of the training run that wrote it, else measured from its files (any
+    adapter, also one trained elsewhere). False when it cannot be read: the evaluation's own
+    checks report a missing or broken adapter."""
+    from pathlib import Path
+
+    from training.engine.adapter_motion import did_not_move, lora_update_norm
+
+    path = (adapter_path or "").strip()
+    if not path:
+        return False
+    recorded = (
+        TrainingRun.objects.filter(adapter_path__in={path, str(Path(path).resolve())})
+        .exclude(update_norm=None)
+        .values_list("update_norm", flat=True)
+        .first()
+    )
+    if recorded is not None:
+        return did_not_move(recorded)
+    try:
+        return did_not_move(lora_update_norm(path))
+    except (OSError, ValueError):
+        return False
+
+
+def adapters_that_did_not_move() -> list[TrainingRun]:
+    """Training runs whose adapter did not move (for warnings beside adapter choices)."""
+    from training.engine.adapter_motion import UPDATE_NORM_EPSILON
+
+    return list(adapter_registry().filter(update_norm__lte=UPDATE_NORM_EPSILON))

@@ -21,6 +21,7 @@ from django.views.decorators.http import require_POST
 
 from curation.models import Problem
 from dailweb.errors import DomainError, add_to_form
+from dailweb.forms import plain_id
 from dailweb.rendering import render_markdown
 from dailweb.roles import Role, require_role
 from expansion.forms import label_unavailable_vllm
@@ -43,7 +44,7 @@ def _charts_available() -> bool:
 
 
 def _ids(request: HttpRequest) -> list[int]:
-    ids = [int(i) for i in request.GET.getlist("ids") if i.isdigit()]
+    ids = [i for i in map(plain_id, request.GET.getlist("ids")) if i is not None]
     return list(dict.fromkeys(ids))[:MAX_COMPARED]
 
 
@@ -101,6 +102,7 @@ def evaluation_launch(request: HttpRequest) -> HttpResponse:
                         budgets=data["budgets"],
                         temperature=data["temperature"],
                         top_p=data["top_p"],
+                        protocol=data["protocol"],
                         seed=data["seed"],
                         batch_size=data["batch_size"],
                         prompt_template=data["prompt_template"],
@@ -314,31 +316,36 @@ def training_run_launch(request: HttpRequest) -> HttpResponse:
     initial = {**training_services.training_defaults(), "base_model_path": str(base_model_dir())}
     form = TrainingLaunchForm(request.POST or None, initial=initial)
     status = 200
+    plan = None
     if request.method == "POST":
         status = 400
         if form.is_valid():
             data = form.cleaned_data
+            settings = training_services.TrainingSettings(
+                name=data["name"],
+                base_model_path=data["base_model_path"],
+                run_ids=[r.pk for r in data["expansion_runs"]],
+                config=form.config_values(),
+                leave_out=data["leave_out"],
+            )
             try:
-                run = training_services.training_run_launch(
-                    settings=training_services.TrainingSettings(
-                        name=data["name"],
-                        base_model_path=data["base_model_path"],
-                        run_ids=[r.pk for r in data["expansion_runs"]],
-                        config=form.config_values(),
-                    ),
-                    launched_by=request.user,
-                )
+                if "preview" in request.POST:  # "Check data and steps": launch nothing
+                    plan = training_services.training_run_plan(settings=settings)
+                    status = 200
+                else:
+                    run = training_services.training_run_launch(
+                        settings=settings, launched_by=request.user
+                    )
+                    messages.success(
+                        request,
+                        f"Launched training run #{run.pk} on the gpu queue: {run.examples_used} "
+                        f"traces, {run.total_steps} steps.",
+                    )
+                    return redirect("training_runs:detail", training_run_id=run.pk)
             except DomainError as exc:
                 add_to_form(form, exc)
                 status = exc.status
-            else:
-                messages.success(
-                    request,
-                    f"Launched training run #{run.pk} on the gpu queue: {run.examples_used} "
-                    f"traces, {run.total_steps} steps.",
-                )
-                return redirect("training_runs:detail", training_run_id=run.pk)
-    context = {"form": form, "scale": training_services.EMBEDDED_SCALE}
+    context = {"form": form, "scale": training_services.EMBEDDED_SCALE, "plan": plan}
     return render(request, "training/training_launch.html", context, status=status)
 
 
@@ -391,7 +398,7 @@ def training_run_metrics(request: HttpRequest, training_run_id: int) -> JsonResp
     """Per-step metrics after `?after=N` (for the live charts), with the job's state."""
     run = _get_training_run(training_run_id)
     after = request.GET.get("after", "0")
-    points = selectors.training_metric_points(run, after=int(after) if after.isdigit() else 0)
+    points = selectors.training_metric_points(run, after=plain_id(after) or 0)
     document = _chart_document(run, points)
     document["warning"] = selectors.negative_term_warning(run)
     return JsonResponse(document)

@@ -18,12 +18,14 @@ from curation.models import (
     WaypointOrigin,
     WaypointStatus,
 )
+from curation.ordering import natural_sort_key
 from curation.spans import Span, SpanError, carry_spans, validate_spans
 from dailweb.errors import ConflictError, DomainError
 from dailweb.roles import Role, user_roles
 
 MAX_STATEMENT_CHARS = 50_000
 MAX_SOLUTION_CHARS = 200_000
+MAX_ANSWER_CHARS = 2_000
 
 
 def problem_can_edit(user, problem: Problem) -> bool:
@@ -132,7 +134,7 @@ def problem_create(
     """Create a problem with its first solution version (and waypoints, if given)."""
     statement = _clean_text(statement, "statement", required=True, limit=MAX_STATEMENT_CHARS)
     solution = _clean_text(solution, "solution", required=True, limit=MAX_SOLUTION_CHARS)
-    answer = (answer or "").strip()
+    answer = _clean_text(answer or "", "answer", required=False, limit=MAX_ANSWER_CHARS).strip()
     external_id = (external_id or "").strip() or _next_external_id(dataset)
     if len(external_id) > 200:
         raise DomainError("The problem id is longer than 200 characters.")
@@ -141,6 +143,7 @@ def problem_create(
             problem = Problem.objects.create(
                 dataset=dataset,
                 external_id=external_id,
+                external_id_order=natural_sort_key(external_id),
                 statement=statement,
                 answer=answer,
                 source=(source or "").strip()[:500],
@@ -168,6 +171,21 @@ class Revision:
     dropped: list[str] = field(default_factory=list)
 
 
+def _refuse_stale_base(current: SolutionVersion | None, base_version: int | None) -> None:
+    """ConflictError when the problem's current version is not the one an edit started from
+    (call with the problem row locked)."""
+    if base_version is None or current is None or current.number == base_version:
+        return
+    who = current.author.username if current.author else "an import"
+    when = timezone.localtime(current.created_at).strftime("%Y-%m-%d %H:%M %Z")
+    raise ConflictError(
+        f"While you were editing version {base_version}, {who} saved version "
+        f"{current.number} ({when}). Your changes were not saved; they are still in the "
+        f"editor. Compare the versions, then save again to make your text version "
+        f"{current.number + 1}."
+    )
+
+
 @transaction.atomic
 def solution_revise(
     *,
@@ -177,17 +195,26 @@ def solution_revise(
     author=None,
     note: str = "",
     waypoints: Sequence[Span] | None = None,
+    base_version: int | None = None,
 ) -> Revision:
     """Save an edited solution as a new version.
 
     Waypoints: when `waypoints` is given they are used as they are; otherwise each waypoint of
     the previous version is carried forward where its text still occurs, and the ones that
     could not be carried are reported.
+
+    `base_version` is the version number the editor was opened on: if another version was
+    saved since, the save is refused (`ConflictError` naming who saved which version when),
+    so nobody's edit silently replaces another's. None (the import) skips the check.
     """
     problem = Problem.objects.select_for_update().get(pk=problem.pk)
     body = _clean_text(body, "solution", required=True, limit=MAX_SOLUTION_CHARS)
-    answer = problem.answer if answer is None else answer.strip()
-    current = problem.versions.order_by("-number").first()
+    if answer is None:
+        answer = problem.answer
+    else:
+        answer = _clean_text(answer, "answer", required=False, limit=MAX_ANSWER_CHARS).strip()
+    current = problem.versions.select_related("author").order_by("-number").first()
+    _refuse_stale_base(current, base_version)
     old_spans = (
         [Span(w.start, w.end, w.origin) for w in current.waypoints.order_by("order")]
         if current
@@ -234,8 +261,20 @@ def problem_update_details(
 
 
 @transaction.atomic
-def waypoints_save(*, version: SolutionVersion, spans: Sequence[Span]) -> list[Waypoint]:
-    """Replace the waypoints of a version (they are annotations; the body never changes)."""
+def waypoints_save(
+    *, version: SolutionVersion, spans: Sequence[Span], base_version: int | None = None
+) -> list[Waypoint]:
+    """Replace the waypoints of a version (they are annotations; the body never changes).
+    `base_version`: as in `solution_revise` (refused when a newer version exists)."""
+    if base_version is not None:
+        Problem.objects.select_for_update().filter(pk=version.problem_id).first()
+        current = (
+            SolutionVersion.objects.filter(problem_id=version.problem_id)
+            .select_related("author")
+            .order_by("-number")
+            .first()
+        )
+        _refuse_stale_base(current, base_version)
     _save_waypoints(version, list(spans))
     _refresh_summary(version.problem)
     return list(version.waypoints.order_by("order"))

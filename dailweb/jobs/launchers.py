@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from django import forms
 
 from dailweb.jobs.builtin_kinds import worker_check_params
-from dailweb.jobs.forms import WorkerCheckForm
+from dailweb.jobs.forms import LaunchForm, WorkerCheckForm
 from dailweb.jobs.models import Job
 from dailweb.jobs.services import job_launch
 
@@ -30,6 +30,8 @@ _LAUNCHERS: dict[str, DashboardLauncher] = {}
 
 
 def register_dashboard_launcher(launcher: DashboardLauncher) -> None:
+    if not issubclass(launcher.form_class, LaunchForm):
+        raise TypeError(f"{launcher.kind}: a launcher's form must be a LaunchForm (confirmation)")
     _LAUNCHERS[launcher.kind] = launcher
 
 

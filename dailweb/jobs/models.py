@@ -98,3 +98,21 @@ class Job(models.Model):
         if done_this_attempt <= 0 or elapsed <= 0:
             return None
         return timedelta(seconds=round(remaining * elapsed / done_this_attempt))
+
+
+class WorkerHeartbeat(models.Model):
+    """A Celery worker as it last reported itself: written every few seconds by the worker's
+    own thread (`dailweb.jobs.signals`), removed when it shuts down cleanly. A row older than
+    `WORKER_STALE_SECONDS` is a worker that died without saying goodbye."""
+
+    hostname = models.CharField(max_length=200, unique=True)
+    queues = models.JSONField(default=list)
+    pid = models.PositiveIntegerField(null=True, blank=True)
+    started_at = models.DateTimeField(default=timezone.now)
+    seen_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["hostname"]
+
+    def __str__(self) -> str:
+        return f"{self.hostname} ({', '.join(self.queues)})"

@@ -13,7 +13,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from dailweb.errors import DomainError, add_to_form
-from dailweb.jobs import selectors, services
+from dailweb.jobs import health, selectors, services
 from dailweb.jobs.forms import JobFilterForm
 from dailweb.jobs.launchers import dashboard_launcher, dashboard_launchers
 from dailweb.jobs.models import Job
@@ -45,6 +45,7 @@ def job_list(request: HttpRequest) -> HttpResponse:
         "any_active": selectors.job_any_active(page.object_list),
         "launch_forms": _launch_forms(),
         "query": request.GET.urlencode(),
+        "health": health.system_health(),
     }
     template = "jobs/job_list.html#job-table" if request.htmx else "jobs/job_list.html"
     return render(request, template, context)
@@ -74,6 +75,7 @@ def job_launch(request: HttpRequest, kind: str) -> HttpResponse:
         "any_active": selectors.job_any_active(page.object_list),
         "launch_forms": _launch_forms(kind, form),
         "query": "",
+        "health": health.system_health(),
     }
     return render(request, "jobs/job_list.html", context, status=status)
 
@@ -85,22 +87,29 @@ def _get_job(job_id: int) -> Job:
         raise Http404(f"There is no job #{job_id}.") from None
 
 
+def _status_context(job: Job, **extra) -> dict:
+    """The job and whether its queue has a live worker and a reachable broker."""
+    system = health.system_health()
+    return {"job": job, "health": system, "queue_health": system.queue(job.queue), **extra}
+
+
 @require_role(Role.ADMIN)
 def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
     job = _get_job(job_id)
     template = "jobs/job_detail.html#job-status" if request.htmx else "jobs/job_detail.html"
-    return render(request, template, {"job": job})
+    return render(request, template, _status_context(job))
 
 
 def _after_action(request: HttpRequest, job_id: int) -> HttpResponse:
     if request.htmx:
-        return render(request, "jobs/job_detail.html#job-status", {"job": _get_job(job_id)})
+        context = _status_context(_get_job(job_id))
+        return render(request, "jobs/job_detail.html#job-status", context)
     return redirect("jobs:detail", job_id=job_id)
 
 
 def _action_failed(request: HttpRequest, job_id: int, exc: DomainError) -> HttpResponse:
     if request.htmx:
-        context = {"job": _get_job(job_id), "action_error": exc.message}
+        context = _status_context(_get_job(job_id), action_error=exc.message)
         return render(request, "jobs/job_detail.html#job-status", context, status=exc.status)
     messages.error(request, exc.message)
     return redirect("jobs:detail", job_id=job_id)

@@ -5,6 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django import template
+from django.utils.safestring import SafeString
+
+from dailweb.rendering import render_excerpt
 
 register = template.Library()
 
@@ -22,3 +25,23 @@ def duration(value: timedelta | None) -> str:
         return f"{minutes} min {seconds:02d} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min"
+
+
+@register.filter
+def width_class(percent: float | None) -> str:
+    """A progress bar's width as a class (`w-0` … `w-100`, defined in app.css).
+
+    The Content-Security-Policy allows no inline `style` attributes, so a bar's width cannot be
+    written into the page as `style="width: …"`.
+    """
+    try:
+        value = round(float(percent or 0))
+    except (TypeError, ValueError):
+        value = 0
+    return f"w-{max(0, min(100, value))}"
+
+
+@register.filter
+def excerpt(value: str | None, limit: int = 140) -> SafeString:
+    """The start of a Markdown + LaTeX text on one line, its formulas typeset (list cells)."""
+    return render_excerpt(value or "", int(limit))

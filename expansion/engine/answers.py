@@ -1,17 +1,30 @@
-"""Final answers: the last `\\boxed{...}`, equivalence checks, and which traces to keep.
+"""Final answers: the last `\\boxed{...}`, the one answer checker, and which traces to keep.
 
 - `last_boxed_answer` finds the last `\\boxed{...}` (or `\\fbox{...}`) and returns its content,
   braces nested to any depth.
-- `check_answer` compares a predicted answer with the expected one twice: with math-verify
-  (symbolic equivalence, both sides read as LaTeX) and with a normalised string match; the
-  answer matches if either says so, and `disagreement` flags the cases where they differ, so a
-  reviewer can look at them.
-- `mark_kept` applies the release's filter: verifiable problems keep every trace whose last
-  boxed answer matches; proofs (no answer) keep one trace of the n, chosen by a seeded hash.
+- `judge_answer` is the project's only answer checker (expansion's `answer_correct`/`kept` and
+  evaluation's verdicts both call it). It compares a predicted answer with every alternative of
+  the expected one, twice: with math-verify (symbolic equivalence, both sides read as LaTeX) and
+  with a normalised string match; the answer is correct if either says so, and `disagreement`
+  flags the cases where they differ, so a person can look at them. CHAMP-style answers are
+  free-form: `C(10, 5), or equivalently 252` gives two alternatives (`C(a, b)` is also read as
+  `\\binom{a}{b}`), and a yes/no answer matches a box that starts with the same word
+  (`No, it is not possible`).
+- `mark_kept` applies a named kept rule (`KEPT_RULES`) to the n traces of one problem:
+  `release` (the release's `data_generation/extract_final_dataset.py`: instruct models keep the
+  first correct trace; reasoning models and proofs keep one seeded random trace, ungraded),
+  `every_correct` (every correct trace; ungraded traces: all) and `all`. The empty rule is the
+  behaviour before rules were named (every correct trace, reasoning traces graded too; proofs one
+  seeded trace): runs recorded without a rule keep it.
+- Reasoning traces are not graded: during expansion `</think>` is forbidden, so a reasoning
+  trace is the thinking section alone and need not contain a box; its verdict is None
+  ("not graded"), as for proofs.
 
 This module knows nothing about models or tokenizers. Departures from the release: the
 release's `\\boxed{([^}]+)}` regex stops at the first closing brace (`\\boxed{\\frac{1}{2}}`
-gives `\\frac{1`); here braces are matched. The string fallback is ours.
+gives `\\frac{1`); here braces are matched. The release grades by string match only; the
+math-verify check, the alternatives and the yes/no rule are ours. Its random pick uses Python's
+`random`; ours is a seeded hash of (seed, problem key), stable across processes.
 """
 
 from __future__ import annotations
@@ -75,17 +88,8 @@ def normalise_answer(answer: str) -> str:
     return text.rstrip(".").lower()
 
 
-@dataclass(frozen=True)
-class AnswerCheck:
-    predicted: str | None
-    expected: str
-    math_verify: bool | None  # None when math-verify could not read one side
-    string_match: bool
-    matches: bool
-    disagreement: bool  # math-verify and the string match disagree
-
-
 def _math_verify(predicted: str, expected: str) -> bool | None:
+    """math-verify's verdict on two LaTeX answers; None when it cannot read one side."""
     from math_verify import parse, verify
 
     # math-verify's timeouts use signal.alarm, which only works in the main thread.
@@ -102,36 +106,150 @@ def _math_verify(predicted: str, expected: str) -> bool | None:
         return None
 
 
-def check_answer(predicted: str | None, expected: str) -> AnswerCheck:
-    """Compare a predicted final answer with the expected one."""
+_EQUIVALENTLY = re.compile(r"\s*,?\s*(?:or\s+)?(?:equivalently|i\.e\.)\s*,?\s*", re.IGNORECASE)
+_BINOMIAL = re.compile(r"\bC\(\s*([\w+\-*/^ ]+?)\s*,\s*([\w+\-*/^ ]+?)\s*\)")
+_YES_NO = re.compile(r"^(yes|no)\b", re.IGNORECASE)
+_TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf)\{([^{}]*)\}")
+
+
+def answer_alternatives(answer: str) -> list[str]:
+    """The forms an answer may take: CHAMP's `A, or equivalently B` gives A and B, and each
+    `C(a, b)` also reads as `\\binom{a}{b}`."""
+    parts = [p.strip().strip("$").strip() for p in _EQUIVALENTLY.split(answer) if p.strip()]
+    forms: list[str] = []
+    for part in parts or [answer.strip()]:
+        forms.append(part)
+        binomial = _BINOMIAL.sub(r"\\binom{\1}{\2}", part)
+        if binomial != part:
+            forms.append(binomial)
+    return list(dict.fromkeys(forms))
+
+
+def _yes_no(answer: str) -> str | None:
+    """'yes' or 'no' when the answer starts with that word (`\\text{No}, never` -> 'no')."""
+    plain = _TEXT_COMMAND.sub(r"\1", answer).strip().strip("$").strip().lower()
+    match = _YES_NO.match(plain)
+    return match.group(1) if match else None
+
+
+@dataclass(frozen=True)
+class AnswerVerdict:
+    predicted: str | None  # the last boxed answer, None when there is none
+    expected: str
+    math_verify: bool | None  # None: math-verify could read no alternative
+    string_match: bool  # normalised string (or yes/no) match with some alternative
+    correct: bool  # either checker says so
+    disagreement: bool  # the two checkers disagree: a person should look
+
+
+def judge_answer(predicted: str | None, expected: str) -> AnswerVerdict:
+    """Compare a predicted final answer with every alternative of the expected one."""
     if predicted is None or not predicted.strip():
-        return AnswerCheck(predicted, expected, None, False, False, False)
-    string_match = normalise_answer(predicted) == normalise_answer(expected)
-    symbolic = _math_verify(predicted, expected)
-    matches = string_match or bool(symbolic)
+        return AnswerVerdict(predicted, expected, None, False, False, False)
+    expected_forms = answer_alternatives(expected)
+    predicted_forms = answer_alternatives(predicted)
+    symbolic: bool | None = None
+    string_match = False
+    for guess in predicted_forms:
+        for gold in expected_forms:
+            string_match = string_match or normalise_answer(guess) == normalise_answer(gold)
+            verdict = _math_verify(guess, gold)
+            if verdict is not None:
+                symbolic = bool(symbolic) or verdict
+    expected_word = _yes_no(expected_forms[0]) if len(expected_forms) == 1 else None
+    if expected_word is not None and _yes_no(predicted) == expected_word:
+        string_match = True
+    correct = string_match or bool(symbolic)
     disagreement = symbolic is not None and symbolic != string_match
-    return AnswerCheck(predicted, expected, symbolic, string_match, matches, disagreement)
+    return AnswerVerdict(predicted, expected, symbolic, string_match, correct, disagreement)
 
 
-def check_trace(trace_text: str, expected: str) -> AnswerCheck:
-    """Check the last boxed answer of a trace."""
-    return check_answer(last_boxed_answer(trace_text), expected)
+def judge_completion(text: str, expected: str) -> AnswerVerdict:
+    """Judge the last `\\boxed{}` answer of a trace or completion."""
+    return judge_answer(last_boxed_answer(text), expected)
+
+
+# --- Kept rules ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeptRule:
+    name: str
+    label: str
+    source: str  # where the rule comes from, shown beside the choice
+
+
+KEPT_RULES: dict[str, KeptRule] = {
+    rule.name: rule
+    for rule in (
+        KeptRule(
+            "release",
+            "the release's filter",
+            "The release's data_generation/extract_final_dataset.py: instruct models keep the "
+            "first correct trace of each problem (none when no trace is correct); reasoning "
+            "models and proofs keep one random trace per problem (seeded), without grading.",
+        ),
+        KeptRule(
+            "every_correct",
+            "every correct trace",
+            "Ours: every trace whose last boxed answer is correct; traces that are not graded "
+            "(proofs, reasoning traces) are all kept.",
+        ),
+        KeptRule("all", "every trace", "Ours: every trace is kept; reviewers decide."),
+    )
+}
+DEFAULT_KEPT_RULE = "release"
+LEGACY_KEPT_RULE = ""  # runs recorded before kept rules were named
+LEGACY_KEPT_RULE_DESCRIPTION = (
+    "recorded before kept rules were named: every correct trace (reasoning traces graded too); "
+    "proofs keep one seeded trace"
+)
+
+
+def kept_rule_description(rule: str) -> str:
+    """How a (possibly legacy) kept rule reads on a run's page."""
+    if rule == LEGACY_KEPT_RULE:
+        return LEGACY_KEPT_RULE_DESCRIPTION
+    known = KEPT_RULES.get(rule)
+    return f"{known.label}. {known.source}" if known else f"unknown rule {rule!r}"
 
 
 def proof_pick(problem_key: str, n: int, seed: int) -> int:
-    """Which of n samples a proof keeps: a seeded, stable choice."""
+    """Which of n samples an ungraded problem keeps: a seeded, stable choice."""
     digest = hashlib.blake2b(f"{seed}\x1f{problem_key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % n
 
 
 def mark_kept(
-    trace_texts: Sequence[str], expected: str | None, *, problem_key: str, seed: int = 0
-) -> tuple[list[bool], list[AnswerCheck | None]]:
-    """Which traces of one problem to keep, and each trace's answer check (None for proofs)."""
-    if expected is None or not expected.strip():
-        if not trace_texts:
-            return [], []
-        chosen = proof_pick(problem_key, len(trace_texts), seed)
-        return [i == chosen for i in range(len(trace_texts))], [None] * len(trace_texts)
-    checks: list[AnswerCheck | None] = [check_trace(t, expected) for t in trace_texts]
-    return [bool(c and c.matches) for c in checks], checks
+    trace_texts: Sequence[str],
+    expected: str | None,
+    *,
+    problem_key: str,
+    seed: int = 0,
+    rule: str = DEFAULT_KEPT_RULE,
+    reasoning: bool = False,
+) -> tuple[list[bool], list[AnswerVerdict | None]]:
+    """Which traces of one problem to keep under `rule`, and each trace's verdict (None: not
+    graded, i.e. a proof, or a reasoning trace under a named rule)."""
+    if rule != LEGACY_KEPT_RULE and rule not in KEPT_RULES:
+        raise ValueError(f"unknown kept rule {rule!r}; choose one of {', '.join(KEPT_RULES)}")
+    n = len(trace_texts)
+    has_answer = expected is not None and bool(expected.strip())
+    graded = has_answer and (rule == LEGACY_KEPT_RULE or not reasoning)
+    verdicts: list[AnswerVerdict | None] = (
+        [judge_completion(t, expected or "") for t in trace_texts] if graded else [None] * n
+    )
+    if n == 0:
+        return [], []
+    if rule == "all":
+        return [True] * n, verdicts
+    if not graded:
+        if rule == "every_correct":
+            return [True] * n, verdicts
+        chosen = proof_pick(problem_key, n, seed)  # release and legacy: one seeded trace
+        return [i == chosen for i in range(n)], verdicts
+    correct = [bool(v and v.correct) for v in verdicts]
+    if rule == "release":
+        first = correct.index(True) if True in correct else -1
+        return [i == first for i in range(n)], verdicts
+    return correct, verdicts  # every_correct and legacy

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from expansion.engine.answers import DEFAULT_KEPT_RULE, KEPT_RULES
 from expansion.engine.partial_solution import render_partial_solution, suggest_waypoints
 from expansion.engine.prompts import (
     PromptError,
@@ -151,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="vllm engine: KV cache in GiB (0: vLLM's default share of the memory)",
     )
     expand.add_argument("--chunk-problems", type=int, default=8, help="problems per rollout chunk")
+    expand.add_argument(
+        "--kept-rule",
+        choices=list(KEPT_RULES),
+        default=DEFAULT_KEPT_RULE,
+        help="which traces are marked kept: "
+        + "; ".join(f"{r.name}: {r.source}" for r in KEPT_RULES.values()),
+    )
     expand.add_argument("--quiet", action="store_true", help="no progress bars")
     defaults = RolloutConfig()
     for name, help_text in RolloutConfig.help().items():
@@ -299,6 +307,7 @@ def expand(args: argparse.Namespace) -> dict[str, Any]:
                         shortcut_threshold=args.shortcut_threshold,
                         max_prompt_tokens=max_prompt,
                         progress=bars.update,
+                        kept_rule=args.kept_rule,
                     )
                 _add_stats(stats, backend.last_stats)
                 for trace in traces:
@@ -324,6 +333,7 @@ def expand(args: argparse.Namespace) -> dict[str, Any]:
         "rollout_config": config.to_dict(),
         "templates": templates.to_dict(),
         "reasoning": args.reasoning,
+        "kept_rule": args.kept_rule,
         "max_prompt_tokens": max_prompt,
         "counts": counts,
         "stats": {

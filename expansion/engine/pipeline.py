@@ -1,9 +1,14 @@
 """Expand a batch of problems end to end: prompts -> mixed-policy rollout -> scoring under the
-three views -> character offsets -> the release's keep filter -> compact per-token arrays.
+three views -> character offsets -> a named kept rule (`answers.KEPT_RULES`; the release's by
+default) -> compact per-token arrays.
 
 This is the one place that strings the engine's steps together for a caller that holds a
 loaded model (a Celery job, the CLI, a benchmark). It knows nothing about Django or storage:
 items in, `ExpandedTrace`s out.
+
+Reproducibility: in float32/float64 a seed gives the same traces whatever the backend's block
+and batch settings; in bfloat16 (the GPU default) only with the same engine, block and batch
+settings (see `rollout.py`).
 """
 
 from __future__ import annotations
@@ -12,7 +17,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from expansion.engine.answers import AnswerCheck, mark_kept
+from expansion.engine.answers import (
+    DEFAULT_KEPT_RULE,
+    KEPT_RULES,
+    LEGACY_KEPT_RULE,
+    AnswerVerdict,
+    mark_kept,
+)
 from expansion.engine.prompts import PromptTemplates, ViewPrompts, build_view_prompts
 from expansion.engine.rollout import RolloutBackend, RolloutConfig, RolloutRequest, RolloutResult
 from expansion.engine.sampling import sequence_key
@@ -49,7 +60,7 @@ class ExpandedTrace:
     fallback_share: float
     shortcut: ShortcutSummary
     kept: bool
-    answer_check: AnswerCheck | None
+    answer_check: AnswerVerdict | None  # None: not graded (proof, reasoning trace)
 
 
 def default_max_prompt_tokens(model: Any, config: RolloutConfig) -> int | None:
@@ -120,10 +131,14 @@ def expand_items(
     shortcut_threshold: float = 1.0,
     max_prompt_tokens: int | None = None,
     progress: StageProgress | None = None,
+    kept_rule: str = DEFAULT_KEPT_RULE,
 ) -> list[ExpandedTrace]:
-    """Expand every item `samples` times; traces come back grouped by item, in order."""
+    """Expand every item `samples` times; traces come back grouped by item, in order. Each
+    problem's traces are marked kept by `kept_rule` (reasoning traces are not graded)."""
     if samples < 1:
         raise ValueError("samples must be at least 1")
+    if kept_rule != LEGACY_KEPT_RULE and kept_rule not in KEPT_RULES:  # before any rollout
+        raise ValueError(f"unknown kept rule {kept_rule!r}; choose one of {', '.join(KEPT_RULES)}")
     templates = templates or PromptTemplates()
     report = progress or (lambda stage, done, total: None)
     if max_prompt_tokens is None:
@@ -160,7 +175,12 @@ def expand_items(
         indices = [n for n, (i, _s) in enumerate(rows) if i == index]
         arrays = [trace_arrays(tokenizer, results[n], scores[n]) for n in indices]
         kept, checks = mark_kept(
-            [a.text for a in arrays], item.answer, problem_key=item.key, seed=config.seed
+            [a.text for a in arrays],
+            item.answer,
+            problem_key=item.key,
+            seed=config.seed,
+            rule=kept_rule,
+            reasoning=reasoning,
         )
         for sample, n in enumerate(indices):
             expanded.append(

@@ -9,15 +9,27 @@ This module knows nothing about tokenizers, prompts, problems or storage: reques
 
 Departures from the release (arXiv 2602.02405, authors' code): EOS ends a trace and is not
 part of it (as in the release), and its reason is kept (`finish_reason`); `max_new_tokens`
-counts the trace's tokens. Defaults: tau = 0.8 (the release's reasoning-model default; its
-instruct default is 1.0), top-k 20, R = 5, temperature 1.0, top-p 1.0, learner proposes.
+counts the trace's tokens. `RolloutConfig`'s own defaults (tau = 0.8, top-k 20, R = 5,
+temperature 1.0, top-p 1.0, learner proposes) are the mixed-policy setting; runs launched from
+the web form or `launch_expansion` start from a named preset (`ROLLOUT_PRESETS`; default
+`release_dail`, tau = 1.0), each citing the release file it comes from. In the release,
+tau = 0.8 is `prob_threshold_non_reasoning` of `data_generation/conf/generate.yaml` (reasoning
+models: 1.0), and its `train/training_file_utils.py` trains the `dail` method on the ratio-1.0
+data (0.8 feeds its `off_policy_distillation` baseline); 0.8 is not the release's DAIL default.
+
+Reproducibility: a seed fixes the keyed random numbers (`sampling.py`), so in float32/float64
+a run equals the per-token reference whatever the engine, block and batch settings. In
+bfloat16 (the GPU default) the logits depend on how the forward passes are shaped (block size,
+batch, KV-cache layout, kernels), so a probability near tau or a near-tie can flip: a seed is
+reproducible only with the same engine, block and batch settings (and the same hardware).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Literal, Protocol
+from numbers import Integral
+from typing import Any, Literal, Protocol, TypeGuard
 
 import numpy as np
 
@@ -44,6 +56,32 @@ def token_reporter(progress: ProgressCallback | None, total: int) -> Callable[[i
 
 class RolloutError(ValueError):
     """A rollout setting or request is invalid."""
+
+
+# Seeds are stored in signed 64-bit columns and mixed as uint64 (`sampling.py`): a larger seed
+# would wrap onto a smaller one (2^64 would draw exactly what 0 draws), so it is refused.
+SEED_MAX = 2**63 - 1
+
+
+def is_plain_int(value: object) -> TypeGuard[int]:
+    """An int that is not a bool (settings arrive from JSON, where true is no number)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_plain_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_token_id(value: object) -> bool:
+    # Token ids also come from tokenizers and numpy arrays, hence Integral.
+    return isinstance(value, Integral) and not isinstance(value, bool) and int(value) >= 0
+
+
+_INT_SETTINGS = (
+    "top_k", "max_draws", "max_new_tokens", "seed", "block_size", "max_block_size",
+    "max_batch_size",
+)  # fmt: skip
+_NUMBER_SETTINGS = ("tau", "temperature", "top_p")
 
 
 @dataclass(frozen=True)
@@ -102,7 +140,18 @@ class RolloutConfig:
     )
 
     def __post_init__(self) -> None:
+        for name in _INT_SETTINGS:
+            if not is_plain_int(getattr(self, name)):
+                raise RolloutError(f"{name} must be a whole number, got {getattr(self, name)!r}")
+        for name in _NUMBER_SETTINGS:
+            if not is_plain_number(getattr(self, name)):
+                raise RolloutError(f"{name} must be a number, got {getattr(self, name)!r}")
+        for name in ("eos_token_ids", "forbidden_token_ids"):
+            ids = getattr(self, name)
+            if isinstance(ids, str | bytes) or not all(_is_token_id(t) for t in ids):
+                raise RolloutError(f"{name} must be a list of token ids, got {ids!r}")
         checks: list[tuple[bool, str]] = [
+            (0 <= self.seed <= SEED_MAX, f"seed must be in [0, {SEED_MAX}], got {self.seed}"),
             (0.0 <= self.tau <= 1.0, f"tau must be in [0, 1], got {self.tau}"),
             (self.proposer in VIEWS, f"proposer must be one of {VIEWS}, got {self.proposer!r}"),
             (self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}"),
@@ -160,6 +209,71 @@ class RolloutConfig:
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+_RELEASE_SAMPLING = {
+    "proposer": "learner",
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 20,
+    "max_draws": 5,
+    "acceptance": "full",
+}
+_SAMPLING_SOURCE = (
+    "Learner proposes, R = 5 draws, top-k 20 (data_generation/conf/generate.yaml of the "
+    "release); temperature 1 and no top-p because the release drew from the top-20 "
+    "log-probabilities its engine returned before temperature and top-p. max_new_tokens is "
+    "set separately (release: 256 for reasoning models, 2048 for instruct models)."
+)
+
+
+@dataclass(frozen=True)
+class RolloutPreset:
+    """A named starting point for a run's rollout settings, with where it comes from."""
+
+    name: str
+    label: str
+    settings: dict[str, Any]  # the RolloutConfig fields it fixes
+    source: str
+
+
+ROLLOUT_PRESETS: dict[str, RolloutPreset] = {
+    preset.name: preset
+    for preset in (
+        RolloutPreset(
+            "release_dail",
+            "release DAIL data: tau 1.0",
+            {"tau": 1.0, **_RELEASE_SAMPLING},
+            "The data the release trains DAIL on: train/training_file_utils.py reads the "
+            "ratio = 1.0 generation for the dail method, i.e. pure sampling from the privileged "
+            "view (generate.yaml: prob_threshold_reasoning 1.0). " + _SAMPLING_SOURCE,
+        ),
+        RolloutPreset(
+            "mixed_policy",
+            "mixed policy: tau 0.8",
+            {"tau": 0.8, **_RELEASE_SAMPLING},
+            "The release's generation default for non-reasoning models "
+            "(generate.yaml: prob_threshold_non_reasoning 0.8); training_file_utils.py feeds "
+            "these traces to its off_policy_distillation baseline. " + _SAMPLING_SOURCE,
+        ),
+        RolloutPreset(
+            "pure_learner",
+            "pure learner: tau 0",
+            {"tau": 0.0, **_RELEASE_SAMPLING},
+            "Every candidate is accepted: plain sampling from the learner (the paper's v1 text "
+            "reports tau = 0, with the directions the other way round). " + _SAMPLING_SOURCE,
+        ),
+    )
+}
+DEFAULT_ROLLOUT_PRESET = "release_dail"
+
+
+def preset_rollout_config(preset: str, overrides: dict[str, Any] | None = None) -> RolloutConfig:
+    """`RolloutConfig` defaults <- the preset's settings <- explicit overrides ('' = no preset)."""
+    if preset and preset not in ROLLOUT_PRESETS:
+        raise RolloutError(f"unknown preset {preset!r}; choose one of {', '.join(ROLLOUT_PRESETS)}")
+    base = dict(ROLLOUT_PRESETS[preset].settings) if preset else {}
+    return RolloutConfig.from_dict(base | dict(overrides or {}))
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from dailweb.errors import DomainError
 from dailweb.jobs.models import Job, JobState
 from dailweb.jobs.services import job_launch
 from expansion.engine import embedded_model, prompts
+from expansion.engine.tokenizer_cache import cached_tokenizer
 
 MODEL_PREPARE_KIND = "model_prepare"
 
@@ -91,20 +91,9 @@ def base_model_dir() -> Path:
     )
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(path: str, stamp: float):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 def base_tokenizer():
-    """The base model's tokenizer (cached per process), or None when it is not there yet."""
-    path = base_model_dir()
-    config = path / "tokenizer_config.json"
-    if not config.is_file():
-        return None
-    return _tokenizer(str(path), config.stat().st_mtime)
+    """The base model's tokenizer (the process's one cache), or None when it is not there yet."""
+    return cached_tokenizer(base_model_dir())
 
 
 def prompt_texts_for_preview(

@@ -1,4 +1,5 @@
-"""The reviewer's writes: handing out traces, verdicts (with history), shortcut spans.
+"""The reviewer's writes: handing out traces, verdicts (with history), shortcut spans (a span
+is deleted only by its author or an admin, and its row stays as history).
 
 Concurrent verdicts on one trace: every verdict form carries the trace revision it was based
 on. If another reviewer recorded a verdict in between, the save is refused with a conflict
@@ -15,8 +16,10 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from dailweb.errors import ConflictError, DomainError
+from dailweb.errors import ConflictError, DomainError, ForbiddenError
+from dailweb.roles import Role, has_role
 from expansion.models import ReviewState, ShortcutSpan, Trace, Verdict
+from expansion.selectors import trace_accept_concerns
 
 CLAIM_MINUTES = 15
 DECISIONS = (ReviewState.ACCEPTED, ReviewState.REJECTED, ReviewState.NEEDS_FIX)
@@ -56,9 +59,18 @@ def trace_claim_next(
 
 @transaction.atomic
 def verdict_record(
-    *, trace_id: int, reviewer, decision: str, note: str = "", base_revision: int | None = None
+    *,
+    trace_id: int,
+    reviewer,
+    decision: str,
+    note: str = "",
+    base_revision: int | None = None,
+    confirm_incorrect: bool = False,
 ) -> Verdict:
-    """Record a verdict; refuses (ConflictError) when the trace changed since `base_revision`."""
+    """Record a verdict; refuses (ConflictError) when the trace changed since `base_revision`,
+    and refuses to accept a trace whose answer is wrong, missing or cut off
+    (`selectors.trace_accept_concerns`) unless `confirm_incorrect` says the reviewer meant it:
+    training reads accepted traces."""
     if decision not in DECISIONS:
         raise DomainError(f"Unknown verdict {decision!r}; choose accept, reject or needs fix.")
     trace = Trace.objects.select_for_update().defer("data").get(pk=trace_id)
@@ -73,6 +85,15 @@ def verdict_record(
             f"While you were looking, {who}. Your verdict was not saved; submit it again to "
             "record it as well."
         )
+    if decision == ReviewState.ACCEPTED and not confirm_incorrect:
+        concerns = trace_accept_concerns(trace)
+        if concerns:
+            reasons = " and ".join(concerns)
+            raise DomainError(
+                f"Accept anyway? Training reads accepted traces, but {reasons}. "
+                "Confirm to accept it.",
+                field_errors={"confirm_incorrect": "; ".join(concerns)},
+            )
     verdict = Verdict.objects.create(
         trace=trace, reviewer=reviewer, decision=decision, note=note.strip()
     )
@@ -105,5 +126,17 @@ def shortcut_span_add(
 
 
 @transaction.atomic
-def shortcut_span_delete(*, span_id: int, reviewer) -> None:
-    ShortcutSpan.objects.filter(pk=span_id).delete()
+def shortcut_span_delete(*, span_id: int, reviewer) -> ShortcutSpan:
+    """Delete a span on behalf of `reviewer`: only the reviewer who marked it or an admin may.
+    The row stays as history (who deleted it, when); live readers no longer see it."""
+    span = ShortcutSpan.objects.select_for_update().filter(pk=span_id).first()
+    if span is None:
+        raise DomainError("That span is already deleted.")
+    if span.reviewer_id != reviewer.pk and not has_role(reviewer, Role.ADMIN):
+        raise ForbiddenError(
+            f"Only {span.reviewer.username}, who marked this span, or an admin can delete it."
+        )
+    span.deleted_at = timezone.now()
+    span.deleted_by = reviewer
+    span.save(update_fields=["deleted_at", "deleted_by"])
+    return span

@@ -24,8 +24,14 @@ from curation.spans import Span
 from dailweb.errors import ConflictError, DomainError
 from dailweb.jobs.models import ACTIVE_STATES, Job, JobState
 from dailweb.jobs.services import job_cancel, job_launch, job_retry
+from expansion.engine.answers import DEFAULT_KEPT_RULE, KEPT_RULES
 from expansion.engine.prompts import PromptError, PromptTemplates, thinking_end_token_ids
-from expansion.engine.rollout import RolloutConfig, RolloutError
+from expansion.engine.rollout import (
+    DEFAULT_ROLLOUT_PRESET,
+    RolloutConfig,
+    RolloutError,
+    preset_rollout_config,
+)
 from expansion.models import Backend, ExpansionChunk, ExpansionRun, RunProblem, Trace
 from expansion.services.models import vllm_launch_refusal
 
@@ -41,7 +47,11 @@ class RunSettings:
     name: str
     model_path: str
     samples_per_problem: int = 4
-    rollout: dict[str, Any] | None = None  # RolloutConfig fields; defaults when absent
+    # The rollout settings: a named preset (`rollout.ROLLOUT_PRESETS`, '' for none) and the
+    # RolloutConfig fields chosen explicitly over it; both are recorded with the run.
+    preset: str = DEFAULT_ROLLOUT_PRESET
+    rollout: dict[str, Any] | None = None
+    kept_rule: str = DEFAULT_KEPT_RULE  # `answers.KEPT_RULES`
     adapter_path: str = ""
     backend: str = Backend.TRANSFORMERS
     templates: dict[str, Any] | None = None
@@ -54,9 +64,14 @@ class RunSettings:
 
 def _validated_config(settings: RunSettings) -> tuple[RolloutConfig, PromptTemplates]:
     try:
-        config = RolloutConfig.from_dict(settings.rollout or {})
+        config = preset_rollout_config(settings.preset, settings.rollout)
     except (RolloutError, TypeError, ValueError) as exc:
         raise DomainError(f"Rollout settings: {exc}") from exc
+    if settings.kept_rule not in KEPT_RULES:
+        raise DomainError(
+            f"Unknown kept rule {settings.kept_rule!r}; choose one of {', '.join(KEPT_RULES)}.",
+            field_errors={"kept_rule": "unknown rule"},
+        )
     try:
         templates = PromptTemplates.from_dict(settings.templates or {})
     except PromptError as exc:
@@ -92,6 +107,32 @@ def _check_problems(problems: list[Problem], require_answers: bool) -> None:
         )
 
 
+# Problems in natural id order (1, 2, …, 10), as the problem list shows them.
+PROBLEM_ORDER = ("dataset__name", "external_id_order", "external_id")
+
+
+def run_problems_select(
+    *, dataset=None, external_ids: Sequence[str] = (), limit: int | None = None
+) -> list[int]:
+    """Primary keys of the problems a run is launched on (the launch form and
+    `launch_expansion` alike): the dataset's problems, or those ids (within the dataset when
+    one is given), in natural id order, the first `limit` of them."""
+    problems = Problem.objects.all()
+    if dataset is not None:
+        problems = problems.filter(dataset=dataset)
+    wanted = [w for w in dict.fromkeys(external_ids) if w]
+    if wanted:
+        problems = problems.filter(external_id__in=wanted)
+        found = set(problems.values_list("external_id", flat=True))
+        unknown = [w for w in wanted if w not in found]
+        if unknown:
+            raise DomainError(f"Unknown problem ids: {', '.join(unknown[:20])}.")
+    elif dataset is None:
+        raise DomainError("Choose a dataset or list problem ids.")
+    ids = list(problems.order_by(*PROBLEM_ORDER).values_list("pk", flat=True))
+    return ids[:limit] if limit else ids
+
+
 @transaction.atomic
 def expansion_run_launch(
     *, settings: RunSettings, problem_ids: Sequence[int], launched_by
@@ -105,9 +146,7 @@ def expansion_run_launch(
     if len(ids) > MAX_PROBLEMS:
         raise DomainError(f"A run takes at most {MAX_PROBLEMS} problems.")
     problems = problems_with_current_versions(
-        Problem.objects.filter(pk__in=ids)
-        .select_related("dataset")
-        .order_by("dataset__name", "external_id")
+        Problem.objects.filter(pk__in=ids).select_related("dataset").order_by(*PROBLEM_ORDER)
     )
     missing = set(ids) - {p.pk for p in problems}
     if missing:
@@ -120,6 +159,9 @@ def expansion_run_launch(
         adapter_path=settings.adapter_path.strip(),
         backend=settings.backend,
         rollout_config=config.to_dict(),
+        rollout_preset=settings.preset,
+        rollout_overrides=dict(settings.rollout or {}),
+        kept_rule=settings.kept_rule,
         templates=templates.to_dict(),
         reasoning=settings.reasoning,
         samples_per_problem=settings.samples_per_problem,
@@ -198,7 +240,7 @@ def _summary_fields(expanded, threshold: float) -> dict[str, Any]:
         "finish_reason": expanded.finish_reason,
         "error": expanded.error or "",
         "answer_extracted": (check.predicted or "") if check is not None else "",
-        "answer_correct": None if check is None else bool(check.matches),
+        "answer_correct": None if check is None else bool(check.correct),
         "checkers_disagree": bool(check.disagreement) if check is not None else False,
         "kept": bool(expanded.kept),
     }
@@ -308,6 +350,7 @@ def expansion_chunk_execute(
                     top_n=run.top_n,
                     shortcut_threshold=run.shortcut_threshold,
                     progress=report,
+                    kept_rule=run.kept_rule,  # '' (older runs): the rule they were launched with
                 )
             except PromptError as exc:
                 raise DomainError(f"{member.problem.external_id}: {exc}") from exc

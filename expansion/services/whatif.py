@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from dailweb.errors import DomainError
-from expansion.engine.partial_solution import render_partial_solution
+from expansion.engine.partial_solution import WAYPOINTS_SENTENCE, render_partial_solution
 from expansion.engine.scoring import shortcut_scores, summarise_shortcuts
 from expansion.engine.trace_format import decode_trace
 from expansion.models import Trace
@@ -36,12 +36,45 @@ def _loaded(trace: Trace):
     return _model(str(path), trace.run.adapter_path, (path / "config.json").stat().st_mtime)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.splitlines()).strip()
+
+
+def trace_whatif_waypoints(*, trace: Trace) -> list[str]:
+    """The waypoints the trace's s~ was made of, in order: the pinned version's waypoints
+    when they still give the stored s~; otherwise (they were edited after the run) the stored
+    list as one piece, which gives the same s~ again."""
+    run_problem = trace.run_problem
+    answer = run_problem.answer or None
+    body = run_problem.solution_version.body
+    texts = [
+        body[w.start : w.end] for w in run_problem.solution_version.waypoints.order_by("order")
+    ]
+    if render_partial_solution(answer, texts) == run_problem.partial_solution:
+        return texts
+    _, found, listed = run_problem.partial_solution.partition(WAYPOINTS_SENTENCE.split("{")[0])
+    stored = [listed.removesuffix(".")] if found else []
+    if render_partial_solution(answer, stored) == run_problem.partial_solution:
+        return stored
+    return texts
+
+
+def trace_whatif_text(*, trace: Trace) -> str:
+    """The what-if box's initial text: the trace's waypoints, one per line."""
+    return "\n".join(_one_line(text) for text in trace_whatif_waypoints(trace=trace))
+
+
 def trace_whatif_rescore(*, trace: Trace, waypoints: list[str]) -> dict[str, Any]:
-    """New log p_NR per token and the shortcut summaries before and after."""
+    """New log p_NR per token and the shortcut summaries before and after.
+
+    `waypoints` are the box's lines; a line left as shown stands for the waypoint it shows (a
+    waypoint with line breaks is shown on one line), so re-scoring unedited gives the real s~.
+    """
     from expansion.engine.pipeline import ExpansionItem, rescore_negative
     from expansion.engine.prompts import PromptTemplates
 
-    marks = [w.strip() for w in waypoints if w.strip()][:MAX_WAYPOINTS]
+    shown = {_one_line(text): text for text in trace_whatif_waypoints(trace=trace)}
+    marks = [shown.get(w.strip(), w.strip()) for w in waypoints if w.strip()][:MAX_WAYPOINTS]
     arrays = decode_trace(bytes(trace.data))
     run_problem = trace.run_problem
     partial = render_partial_solution(run_problem.answer or None, marks)

@@ -1,6 +1,6 @@
 """In a real browser: a reviewer opens a trace, hovers a token and reads its probabilities,
-marks a span as a shortcut, accepts, and moves to the next trace, all with the keyboard
-where the keyboard is meant to be used."""
+marks a span as a shortcut, accepts, moves to the next trace, and confirms accepting a trace
+without a correct answer, all with the keyboard where the keyboard is meant to be used."""
 
 from __future__ import annotations
 
@@ -67,6 +67,20 @@ def test_reviewer_audits_a_trace_with_the_keyboard(page, live_server):
     page.wait_for_url(lambda url: url.rstrip("/").rsplit("/", 1)[1] != str(first_id))
     second_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
     assert Trace.objects.get(pk=second_id).review_state == ReviewState.UNREVIEWED
+
+    # This trace has no correct answer: "a" asks first; Esc cancels, "a" then Enter confirms.
+    assert Trace.objects.get(pk=second_id).answer_correct is False
+    confirm = page.get_by_test_id("accept-confirm")
+    page.keyboard.press("a")
+    confirm.wait_for(state="visible")
+    page.keyboard.press("Escape")
+    confirm.wait_for(state="hidden")
+    assert Trace.objects.get(pk=second_id).review_state == ReviewState.UNREVIEWED
+    page.keyboard.press("a")
+    confirm.wait_for(state="visible")
+    page.keyboard.press("Enter")
+    page.get_by_test_id("review-state").filter(has_text="Accepted").wait_for()
+    assert Trace.objects.get(pk=second_id).review_state == ReviewState.ACCEPTED
 
     # The help overlay opens with "?".
     page.keyboard.press("?")

@@ -131,3 +131,20 @@ def test_dataset_names_are_unique():
         dataset_create(name="AIME", kind="proof")
     with pytest.raises(DomainError, match="Unknown dataset kind"):
         dataset_create(name="X", kind="essay")
+
+
+def test_a_save_based_on_an_older_version_is_refused_naming_who_saved_what():
+    problem = make_problem(solution=SOLUTION, answer="9")
+    ada = make_user("expert", username="ada")
+    solution_revise(problem=problem, body=SOLUTION + " Done.", author=ada, base_version=1)
+    with pytest.raises(ConflictError, match=r"version 1, ada saved version 2 \(20\d\d-"):
+        solution_revise(problem=problem, body=SOLUTION + " Mine.", base_version=1)
+    with pytest.raises(ConflictError, match="ada saved version 2"):
+        waypoints_save(version=problem.versions.get(number=1), spans=[Span(0, 5)], base_version=1)
+    assert problem.versions.count() == 2
+    assert not problem.versions.get(number=1).waypoints.exists()
+    # On the current version (after looking at the diff) the save goes through.
+    revision = solution_revise(problem=problem, body=SOLUTION + " Mine.", base_version=2)
+    assert revision.version.number == 3
+    # No base version (the import): no check, as before.
+    assert solution_revise(problem=problem, body=SOLUTION).version.number == 4

@@ -6,15 +6,20 @@ import json
 
 import pytest
 
-from curation.models import Problem, SolutionVersion
+from curation.models import Dataset, Problem, SolutionVersion
 from curation.services.champ import champ_load
 from curation.services.transfer import (
+    EMPTY_FILE_MESSAGE,
+    NewDataset,
+    parse_jsonl,
+    problem_upsert,
     problems_export_jsonl,
     problems_export_parquet,
     problems_import_jsonl,
 )
+from curation.services.transfer.import_write import ImportReport, import_check, write_in_batches
 from dailweb.errors import DomainError
-from tests.factories import make_dataset
+from tests.factories import make_dataset, make_user
 
 pytestmark = pytest.mark.django_db
 
@@ -68,11 +73,11 @@ def test_span_waypoints_are_accepted():
 BAD_LINES = [
     (b'{"problem": "x", "solution": ', "not valid JSON"),
     (b'["a list"]', "must be a JSON object"),
-    (json.dumps({"solution": "s"}).encode(), "field 'problem': is missing or empty"),
+    (json.dumps({"solution": "s"}).encode(), "field 'problem': is missing"),
     (json.dumps({"problem": "p", "solution": 5}).encode(), "field 'solution'"),
     (
         json.dumps({**GOOD, "problem_id": "BAD", "tags": "one"}).encode(),
-        "field 'tags': must be a list of strings",
+        "field 'tags': must be an array of strings, not a string",
     ),
     (
         json.dumps({**GOOD, "problem_id": "BAD", "waypoints": ["not there"]}).encode(),
@@ -80,7 +85,7 @@ BAD_LINES = [
     ),
     (
         json.dumps({**GOOD, "problem_id": "BAD", "waypoints": [[0, 999]]}).encode(),
-        "outside the solution text",
+        "outside the solution",
     ),
     (
         json.dumps({**GOOD, "problem_id": "BAD", "waypoints": [[0, 10], [5, 12]]}).encode(),
@@ -207,3 +212,267 @@ def test_champ_loads_270_problems_with_answers_and_waypoints_inside_solutions():
     assert "$n$" in example.statement
     again = champ_load()
     assert again.unchanged == 270 and Problem.objects.count() == 270
+
+
+# --- Rights: an import may change only what its importer may edit (issue 12, defect 1) ------
+
+
+@pytest.fixture
+def owner():
+    return make_user("expert", username="olga")
+
+
+@pytest.fixture
+def intruder():
+    return make_user("expert", username="ivan")
+
+
+def test_an_expert_cannot_change_another_experts_problem_by_import(owner, intruder):
+    dataset = make_dataset()
+    problems_import_jsonl(dataset=dataset, data=jsonl(GOOD), author=owner)
+    hijack = {**GOOD, "solution": "Hijacked: $1+2=3$ twice.", "answer": "4"}
+    report = problems_import_jsonl(
+        dataset=dataset, data=jsonl({**GOOD, "problem_id": "NEW"}, hijack), author=intruder
+    )
+    assert not report.imported
+    assert [str(e) for e in report.errors] == [
+        "line 2, field 'problem_id': problem 'A1' belongs to olga; only its author or an admin "
+        "may change it, and this line changes its solution, answer, waypoints"
+    ]
+    problem = Problem.objects.get(external_id="A1")
+    assert problem.answer == "3" and problem.versions.count() == 1
+    assert not Problem.objects.filter(external_id="NEW").exists()  # all or nothing
+
+
+def test_an_identical_line_for_someone_elses_problem_is_unchanged(owner, intruder):
+    dataset = make_dataset()
+    problems_import_jsonl(dataset=dataset, data=jsonl(GOOD), author=owner)
+    report = problems_import_jsonl(
+        dataset=dataset, data=jsonl(GOOD, {**GOOD, "problem_id": "B"}), author=intruder
+    )
+    assert report.imported and (report.unchanged, report.created) == (1, 1)
+    assert Problem.objects.get(external_id="A1").author == owner
+
+
+def test_experts_change_their_own_and_admins_everyones(owner):
+    dataset = make_dataset()
+    problems_import_jsonl(dataset=dataset, data=jsonl(GOOD), author=owner)
+    mine = problems_import_jsonl(
+        dataset=dataset, data=jsonl({**GOOD, "tags": ["mine"]}), author=owner
+    )
+    assert mine.imported and mine.updated == 1
+    admin = make_user("admin")
+    theirs = problems_import_jsonl(
+        dataset=dataset, data=jsonl({**GOOD, "answer": "three", "waypoints": None}), author=admin
+    )
+    assert theirs.imported and theirs.updated == 1
+    assert Problem.objects.get(external_id="A1").answer == "three"
+
+
+def test_problems_loaded_by_the_system_are_for_admins_only(intruder):
+    dataset = make_dataset(name="CHAMP-like")
+    problems_import_jsonl(dataset=dataset, data=jsonl(GOOD))  # the system: no author
+    report = problems_import_jsonl(
+        dataset=dataset, data=jsonl({**GOOD, "problem": "Changed."}), author=intruder
+    )
+    assert not report.imported
+    assert "has no author (the system loaded it)" in report.errors[0].message
+    assert "changes its statement" in report.errors[0].message
+    assert Problem.objects.get().statement == GOOD["problem"]
+
+
+def test_only_valid_lines_skips_the_lines_the_importer_may_not_edit(owner, intruder):
+    dataset = make_dataset()
+    problems_import_jsonl(dataset=dataset, data=jsonl(GOOD), author=owner)
+    report = problems_import_jsonl(
+        dataset=dataset,
+        data=jsonl({**GOOD, "answer": "5"}, {**GOOD, "problem_id": "C"}),
+        author=intruder,
+        only_valid_lines=True,
+    )
+    assert report.imported and report.created == 1 and [e.line for e in report.errors] == [1]
+    assert Problem.objects.get(external_id="A1").answer == "3"
+
+
+def test_reviewers_may_not_import():
+    with pytest.raises(DomainError, match="needs the expert or admin role"):
+        problems_import_jsonl(
+            dataset=make_dataset(), data=jsonl(GOOD), author=make_user("reviewer")
+        )
+    assert Problem.objects.count() == 0
+
+
+def test_rights_are_checked_again_when_writing(owner, intruder):
+    # A problem that appears between the check and the write (someone else imported it).
+    dataset = make_dataset()
+    parsed = parse_jsonl(jsonl({**GOOD, "answer": "9"}), dataset_kind="verifiable")
+    problems_import_jsonl(dataset=dataset, data=jsonl(GOOD), author=owner)
+    with pytest.raises(DomainError, match="belongs to olga"):
+        problem_upsert(dataset, parsed.problems[0], intruder, ImportReport(), enforce_rights=True)
+    assert Problem.objects.get().answer == "3"
+
+
+# --- Careless and hostile files (issue 12, defect 3) ------------------------------------
+
+
+def test_every_bad_line_is_reported_database_stage_included(owner, intruder):
+    dataset = make_dataset()
+    problems_import_jsonl(
+        dataset=dataset, data=jsonl(GOOD, {**GOOD, "problem_id": "A2"}), author=owner
+    )
+    data = (
+        jsonl({**GOOD, "problem_id": "NEW"}, {**GOOD, "answer": "7"})
+        + b"{oops\n"
+        + jsonl({**GOOD, "problem_id": "A2", "tags": ["stolen"]})
+    )
+    report = problems_import_jsonl(dataset=dataset, data=data, author=intruder)
+    assert not report.imported
+    assert [(e.line, e.field) for e in report.errors] == [
+        (2, "problem_id"),
+        (3, ""),
+        (4, "problem_id"),
+    ]
+    assert "changes its tags" in report.errors[2].message
+    assert report.summary() == "Nothing imported: 3 of 4 lines have errors."
+    assert Problem.objects.count() == 2
+
+
+def test_a_refused_import_into_a_new_dataset_creates_no_dataset():
+    bad = jsonl(GOOD) + b"{oops\n"
+    report = problems_import_jsonl(new_dataset=NewDataset("fresh", "proof"), data=bad)
+    assert not report.imported and not Dataset.objects.filter(name="fresh").exists()
+    again = problems_import_jsonl(new_dataset=NewDataset("fresh", "proof"), data=jsonl(GOOD))
+    assert again.imported and Dataset.objects.get(name="fresh").problems.count() == 1
+
+
+def test_a_taken_name_is_refused_before_the_file_is_read():
+    make_dataset(name="taken")
+    with pytest.raises(DomainError, match="exists already"):
+        problems_import_jsonl(new_dataset=NewDataset("taken", "proof"), data=b"{oops\n")
+
+
+def test_crlf_solutions_keep_their_waypoints_on_the_same_text():
+    solution = "Step one.\r\nThen $x=2$.\r\n\r\nSo $y=4$."
+    y, x = solution.index("$y=4$"), solution.index("$x=2$")
+    line = {
+        **GOOD,
+        "solution": solution,
+        "waypoints": [[y, y + 5], {"start": x, "end": x + 5, "text": "$x=2$"}, "So"],
+    }
+    data = jsonl(line).replace(b"\n", b"\r\n")  # and the file's own line breaks are CRLF
+    report = problems_import_jsonl(dataset=make_dataset(), data=data)
+    assert report.imported, report.errors
+    version = Problem.objects.get().versions.get()
+    assert version.body == "Step one.\nThen $x=2$.\n\nSo $y=4$."
+    assert [w.text for w in version.waypoints.order_by("order")] == ["$y=4$", "$x=2$", "So"]
+
+
+def test_numbers_are_stored_as_their_text():
+    data = (
+        b'{"problem_id": 7, "problem": "p", "solution": "s \\\\boxed{9}", "answer": 0, '
+        b'"source": 1999}\n'
+        b'{"problem_id": 8, "problem": "p", "solution": "s", "answer": 1.50}\n'
+    )
+    report = problems_import_jsonl(dataset=make_dataset(), data=data)
+    assert report.imported, report.errors
+    seven, eight = Problem.objects.order_by("external_id")
+    assert (seven.external_id, seven.answer, seven.source) == ("7", "0", "1999")
+    assert eight.answer == "1.50"
+
+
+def test_a_utf8_byte_order_mark_is_accepted():
+    report = problems_import_jsonl(dataset=make_dataset(), data=b"\xef\xbb\xbf" + jsonl(GOOD))
+    assert report.imported and report.created == 1
+
+
+@pytest.mark.parametrize("data", [b"", b"\n\n", b"\xef\xbb\xbf", b"  \r\n \n"])
+def test_an_empty_file_is_refused(data):
+    with pytest.raises(DomainError) as refused:
+        problems_import_jsonl(new_dataset=NewDataset("empty", "proof"), data=data)
+    assert refused.value.message == EMPTY_FILE_MESSAGE
+    assert not Dataset.objects.filter(name="empty").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            b'{"problem": "p", "solution": "unterminated',
+            "not valid JSON: Unterminated string starting at column 30",
+        ),
+        (b'{"problem": 5, "solution": "s"}', "field 'problem': must be a string, not a number"),
+        (b'{"problem": "p", "solution": ""}', "field 'solution': is empty"),
+        (
+            b'{"problem": "p", "solution": "s", "answer": true}',
+            "must be a string or a number, not true/false",
+        ),
+        (b'{"problem": "' + b"x" * 50_001 + b'", "solution": "s"}', "the limit is 50,000"),
+        (b'{"problem": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        (
+            b'{"problem": "p", "solution": "s", "waypoints": [[0, 1' + b"0" * 5000 + b"]]}",
+            "outside the solution",
+        ),
+        (
+            b'{"problem": "p", "solution": "s", "answer": 1' + b"0" * 5000 + b"}",
+            "the limit is 2,000",
+        ),
+        (b'{"problem": "\\ud800", "solution": "s"}', "unpaired surrogate (\\ud800) at character 1"),
+        (b'{"problem": "p", "solution": "a\\u0000b"}', "NUL character"),
+        (b'{"problem": "p", "problem": "q", "solution": "s"}', "the key 'problem' appears twice"),
+        (b'{"problem": "p", "solution": "s", "answer": NaN}', "NaN is not a JSON number"),
+    ],
+)
+def test_hostile_lines_get_one_clear_message(line, message):
+    report = problems_import_jsonl(dataset=make_dataset(kind="proof"), data=line + b"\n")
+    assert not report.imported
+    assert len(report.errors) == 1 and report.errors[0].line == 1
+    assert message in str(report.errors[0])
+    assert "at at" not in str(report.errors[0])
+    assert Problem.objects.count() == 0
+
+
+def test_a_line_with_several_problems_gets_one_entry_naming_each():
+    line = b'{"problem": 1, "solution": [], "tags": "x"}\n'
+    report = problems_import_jsonl(dataset=make_dataset(), data=line)
+    assert len(report.errors) == 1
+    assert str(report.errors[0]) == (
+        "line 1: field 'problem': must be a string, not a number; field 'solution': must be a "
+        "string, not an array; field 'tags': must be an array of strings, not a string"
+    )
+
+
+# --- Batched writes (issue 12, defect 4): cancel between batches, resume without duplicates --
+
+
+def test_batches_stop_when_asked_and_resume_after_the_committed_line(settings):
+    settings.DAIL_IMPORT_BATCH_LINES = 2
+    dataset = make_dataset()
+    lines = [
+        {**GOOD, "problem_id": f"B{i}"} if i % 2 else {**GOOD, "problem_id": ""} for i in range(7)
+    ]
+    parsed = parse_jsonl(jsonl(*lines), dataset_kind=dataset.kind)
+    report, items = import_check(parsed, dataset=dataset, author=None)
+    committed: list[int] = []
+    write_in_batches(
+        items=items,
+        dataset=dataset,
+        author=None,
+        only_valid_lines=False,
+        report=report,
+        on_batch_committed=lambda done, total: committed.append(done),
+        should_stop=lambda: len(committed) == 2,
+    )
+    assert report.cancelled and not report.imported
+    assert committed == [2, 4] and Problem.objects.count() == 4
+    rest = [item for item in items if item.line > committed[-1]]
+    again = ImportReport(total_lines=parsed.total_lines)
+    write_in_batches(
+        items=rest,
+        dataset=dataset,
+        author=None,
+        only_valid_lines=False,
+        report=again,
+        on_batch_committed=lambda done, total: committed.append(done),
+    )
+    assert again.imported and again.created == 3 and committed[-1] == 7
+    assert Problem.objects.count() == 7  # lines without an id were not written twice

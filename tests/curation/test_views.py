@@ -261,3 +261,49 @@ def test_versions_page_shows_a_diff(client, expert):
     solution_revise(problem=problem, body=problem.versions.get().body + "\nAn added line.")
     html = client.get(reverse("curation:versions", args=[problem.pk])).content.decode()
     assert "An&nbsp;added&nbsp;line." in html and "diff_add" in html
+
+
+def test_a_stale_editor_save_is_refused_with_a_diff_link_and_keeps_what_was_typed(client, expert):
+    problem = make_problem(author=expert, waypoints=[Span(38, 45)])
+    v1 = problem.versions.get()
+    edit_url = reverse("curation:edit", args=[problem.pk])
+    opened = client.get(edit_url).content.decode()
+    assert 'name="base_version" value="1"' in opened
+    # Someone else (an admin) saves version 2 meanwhile.
+    other = make_user("admin", username="otto")
+    from curation.services.problems import solution_revise
+
+    solution_revise(problem=problem, body=v1.body + " Checked.", author=other, base_version=1)
+
+    mine = "My own careful rewrite. " + v1.body
+    waypoints = json.dumps([[62, 69, "expert"]])
+    response = client.post(
+        edit_url,
+        {
+            "body": mine,
+            "answer": "3",
+            "note": "my note",
+            "waypoints": waypoints,
+            "waypoints_body": mine,
+            "base_version": "1",
+        },
+    )
+    assert response.status_code == 409
+    html = response.content.decode()
+    assert "otto saved version 2" in html and "were not saved" in html
+    diff_url = reverse("curation:versions", args=[problem.pk]) + "?a=1&amp;b=2"
+    assert f'href="{diff_url}"' in html
+    assert problem.versions.count() == 2  # nothing silently became version 3
+    # Nothing typed is lost: text, note and waypoints come back; the next save is on v2.
+    assert "My own careful rewrite." in html and 'value="my note"' in html
+    assert 'value="[[62, 69, &quot;expert&quot;]]"' in html  # the marked waypoint
+    assert 'name="base_version" value="2"' in html
+    assert client.get(diff_url.replace("&amp;", "&")).status_code == 200
+
+    again = client.post(
+        edit_url,
+        {"body": mine, "answer": "3", "waypoints": waypoints, "waypoints_body": mine,
+         "base_version": "2"},
+    )  # fmt: skip
+    assert again.status_code == 302
+    assert problem.versions.get(number=3).body == mine

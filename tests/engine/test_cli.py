@@ -92,7 +92,11 @@ def test_expand_writes_one_record_per_trace(tmp_path: Path, tiny_model_dir: Path
         "The final answer is 5. Intermediate results used in the solution might include: 2 + 3."
     )
     assert all(r["answer"]["expected"] == "5" for r in add)
-    assert [r["kept"] for r in add] == [bool(r["answer"]["matches"]) for r in add]
+    correct = [bool(r["answer"]["correct"]) for r in add]
+    # The release's kept rule (the default): the first correct trace of the problem only.
+    assert [r["kept"] for r in add] == [
+        i == correct.index(True) if True in correct else False for i in range(len(add))
+    ]
     assert sum(r["kept"] for r in proof) == 1 and all(r["answer"] is None for r in proof)
     assert proof[0]["prompt"]["waypoints_suggested"]
     assert "2x+1" in proof[0]["prompt"]["partial_solution"]
@@ -100,6 +104,7 @@ def test_expand_writes_one_record_per_trace(tmp_path: Path, tiny_model_dir: Path
     assert run["rollout_config"]["tau"] == 0.5 and run["rollout_config"]["seed"] == 4
     assert run["templates"]["learner"].startswith("## Problem:")
     assert run["counts"]["traces"] == 6
+    assert run["kept_rule"] == "release"
     assert not (output.parent / "traces.jsonl.partial").exists()
 
 

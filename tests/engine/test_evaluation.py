@@ -3,12 +3,14 @@ judging (incl. CHAMP's free-form answers), metric assembly, adapters and splits.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from expansion.engine.answers import answer_alternatives, judge_answer, judge_completion
 from training.engine import evaluation as ev
 from training.engine.metrics import pass_at_k
 
@@ -137,11 +139,22 @@ def test_unknown_backends_are_refused_and_vllm_reports_why_it_is_missing(
         ({"temperature": 0}, "temperature"),
         ({"top_p": 1.5}, "top_p"),
         ({"batch_size": 0}, "batch_size"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**63}, "seed"),  # past the signed 64-bit column it is stored in
+        ({"seed": True}, "seed"),
+        ({"seed": "7"}, "seed"),
     ],
 )
 def test_bad_sampling_settings_are_refused(overrides, message):
     with pytest.raises(ev.EvaluationError, match=message):
         settings(**overrides)
+
+
+def test_seeds_up_to_the_limit_are_taken_and_the_split_seed_is_bounded_too():
+    assert settings(seed=ev.SEED_MAX).seed == 2**63 - 1
+    assert ev.in_held_out_split("1/a", 0.5, ev.SEED_MAX) in (True, False)
+    with pytest.raises(ev.EvaluationError, match="split seed"):
+        ev.in_held_out_split("1/a", 0.5, 2**64)
 
 
 def test_k_larger_than_n_is_refused():
@@ -188,37 +201,37 @@ NOT_EQUIVALENT = [
 
 @pytest.mark.parametrize(("predicted", "expected"), EQUIVALENT)
 def test_equivalent_answers_are_correct(predicted, expected):
-    assert ev.judge_answer(predicted, expected).correct
+    assert judge_answer(predicted, expected).correct
 
 
 @pytest.mark.parametrize(("predicted", "expected"), NOT_EQUIVALENT)
 def test_different_answers_are_not(predicted, expected):
-    verdict = ev.judge_answer(predicted, expected)
+    verdict = judge_answer(predicted, expected)
     assert not verdict.correct
     assert not verdict.disagreement
 
 
 def test_champ_alternatives_are_split():
-    assert ev.answer_alternatives("C(10, 5), or equivalently 252") == [
+    assert answer_alternatives("C(10, 5), or equivalently 252") == [
         "C(10, 5)",
         "\\binom{10}{5}",
         "252",
     ]
-    assert ev.answer_alternatives("2^(n-1)") == ["2^(n-1)"]
+    assert answer_alternatives("2^(n-1)") == ["2^(n-1)"]
 
 
 def test_disagreements_are_flagged_for_a_person():
-    only_symbolic = ev.judge_answer("\\frac{1}{2}", "0.5")
+    only_symbolic = judge_answer("\\frac{1}{2}", "0.5")
     assert only_symbolic.correct and only_symbolic.math_verify and not only_symbolic.string_match
     assert only_symbolic.disagreement
-    both = ev.judge_answer("3", "3")
+    both = judge_answer("3", "3")
     assert both.correct and not both.disagreement
 
 
 def test_completions_are_judged_by_their_last_box():
-    verdict = ev.judge_completion("First \\boxed{3}, no wait: \\boxed{2^{n-1}}.", "2^(n-1)")
+    verdict = judge_completion("First \\boxed{3}, no wait: \\boxed{2^{n-1}}.", "2^(n-1)")
     assert verdict.predicted == "2^{n-1}" and verdict.correct
-    missing = ev.judge_completion("I think it is 252.", "252")
+    missing = judge_completion("I think it is 252.", "252")
     assert missing.predicted is None and not missing.correct and not missing.disagreement
 
 
@@ -328,3 +341,135 @@ def test_held_out_split_is_seeded_stable_and_about_the_fraction():
     assert held != [k for k in keys if ev.in_held_out_split(k, 0.2, seed=1)]
     with pytest.raises(ev.EvaluationError):
         ev.in_held_out_split("1/p", 1.0, seed=0)
+
+
+# --- Protocols: the release's presence penalty, stop at </think>, force-answer pass ----------
+
+
+def test_presence_penalty_processor_matches_a_hand_computation():
+    # Prompt [5, 6], completion so far [1, 3, 1]: tokens 1 and 3 lose 1.5 once each (however
+    # often they occur); prompt-only tokens 5 and 6 keep their logits (vLLM's definition).
+    input_ids = torch.tensor([[5, 6, 1, 3, 1], [5, 6, 2, 2, 2]])
+    scores = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]] * 2)
+    out = ev.PresencePenaltyProcessor(1.5, prompt_length=2)(input_ids, scores)
+    expected = torch.tensor(
+        [[0.0, -0.5, 2.0, 1.5, 4.0, 5.0, 6.0, 7.0], [0.0, 1.0, 0.5, 3.0, 4.0, 5.0, 6.0, 7.0]]
+    )
+    assert torch.equal(out, expected)
+    first_step = ev.PresencePenaltyProcessor(1.5, prompt_length=5)(input_ids, scores)
+    assert torch.equal(first_step, scores)  # nothing generated yet: nothing penalised
+
+
+def test_protocols_are_named_and_validated():
+    assert set(ev.EVALUATION_PROTOCOLS) == {"workbench", "release"}
+    release = ev.EVALUATION_PROTOCOLS["release"]
+    assert (release.presence_penalty, release.stop_strings) == (1.5, ("</think>",))
+    assert release.force_answer_prompt == "\n The final answer (in \\boxed{}):"
+    assert release.force_answer_tokens == 100 and "eval/eval.py" in release.source
+    assert settings().protocol == "workbench"
+    with pytest.raises(ev.EvaluationError, match="unknown protocol"):
+        settings(protocol="paper")
+
+
+def test_vllm_sampling_params_follow_the_protocol():
+    from vllm import SamplingParams
+
+    workbench = ev.vllm_sampling_kwargs(settings(), seed=3, max_tokens=32, stop_token_ids={2})
+    assert "presence_penalty" not in workbench and "stop" not in workbench
+    assert workbench["detokenize"] is False
+    release = settings(protocol="release")
+    first = ev.vllm_sampling_kwargs(release, seed=3, max_tokens=32, stop_token_ids={2, 1})
+    assert first["presence_penalty"] == 1.5 and first["stop"] == ["</think>"]
+    assert first["detokenize"] is True and first["stop_token_ids"] == [1, 2]
+    forced = ev.vllm_sampling_kwargs(
+        release, seed=3, max_tokens=100, stop_token_ids={2}, first_pass=False
+    )
+    assert "stop" not in forced and forced["presence_penalty"] == 1.5
+    params = SamplingParams(**first)  # vLLM accepts them (no engine needed)
+    assert params.presence_penalty == 1.5 and params.stop == ["</think>"]
+    assert SamplingParams(**forced).max_tokens == 100
+
+
+def test_a_stop_string_ends_the_first_pass_and_is_not_kept(tiny_tokenizer):
+    protocol = ev.EVALUATION_PROTOCOLS["release"]
+    ids = tiny_tokenizer("So x = 2.</think> and more", add_special_tokens=False)["input_ids"]
+    completion = ev._completion(tiny_tokenizer, 0, ids, False, protocol)
+    assert completion.finish_reason == "stop" and completion.text == "So x = 2."
+    assert "</think>" in tiny_tokenizer.decode(list(completion.token_ids))
+    assert "</think>" not in tiny_tokenizer.decode(list(completion.token_ids)[:-1])
+    assert completion.token_count == len(completion.token_ids) < len(ids)
+    plain = ev._completion(tiny_tokenizer, 0, ids, False, ev.EVALUATION_PROTOCOLS["workbench"])
+    assert plain.finish_reason == "length" and plain.token_count == len(ids)
+
+
+def test_the_force_answer_pass_runs_only_for_samples_without_a_box(tiny_tokenizer, monkeypatch):
+    """The orchestration: boxless samples get one more pass on prompt + text + the force
+    prompt, and its tokens are counted; a sample with a box is left alone."""
+    encode = lambda text: tiny_tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    first = [(encode("It is \\boxed{5}."), True), (encode("It is five"), True)]
+    calls = []
+
+    def fake_rows(model, tokenizer, prompt_ids, rows, *, settings, max_new_tokens, **kwargs):
+        calls.append((list(prompt_ids), rows, max_new_tokens))
+        return first if len(calls) == 1 else [(encode(" \\boxed{5}"), True)]
+
+    monkeypatch.setattr(ev, "_generate_rows", fake_rows)
+    prompt = [1, 2, 3]
+    out = ev.generate_completions_transformers(
+        None, tiny_tokenizer, prompt, [0, 1], settings=settings(protocol="release"), seed=0
+    )
+    assert len(calls) == 2  # one batch, then one force-answer pass (sample 1 only)
+    forced_prompt, rows, limit = calls[1]
+    assert rows == 1 and limit == 100
+    assert forced_prompt == prompt + encode("It is five\n The final answer (in \\boxed{}):")
+    boxed, forced = out
+    assert boxed.forced_tokens == 0 and boxed.text == "It is \\boxed{5}."
+    assert forced.forced_tokens == len(encode(" \\boxed{5}"))
+    assert forced.token_count == len(encode("It is five")) + forced.forced_tokens
+    assert forced.text.startswith("It is five\n The final answer") and forced.text.endswith("5}")
+
+
+def test_budgets_cap_the_first_pass_and_the_forced_tokens_come_on_top():
+    outcome = ev.SampleOutcome(correct=True, tokens=70, forced_tokens=20)
+    assert ev.correct_within_budget(outcome, 50) and not ev.correct_within_budget(outcome, 49)
+
+
+@pytest.fixture(scope="module")
+def smollm(embedded_model_dir):
+    from expansion.engine.models import load_model
+
+    return load_model(embedded_model_dir, device="cpu", dtype="float32")
+
+
+def test_release_protocol_on_the_real_model(smollm, monkeypatch):
+    """SmolLM2 rarely boxes within 12 tokens: the boxless samples get the force-answer pass
+    (here 12 tokens instead of 100, to stay fast on a CPU), its tokens are counted, and the
+    same seed gives the same samples."""
+    from expansion.engine.answers import judge_completion
+
+    model, tokenizer = smollm
+    short = dataclasses.replace(ev.EVALUATION_PROTOCOLS["release"], force_answer_tokens=12)
+    monkeypatch.setitem(ev.EVALUATION_PROTOCOLS, "release", short)
+    prompt = ev.evaluation_prompt_ids(tokenizer, "What is $2 + 3$?")
+    chosen = settings(samples=3, max_new_tokens=12, temperature=0.6, top_p=0.95, protocol="release")
+    out = ev.generate_completions(
+        "transformers", model, tokenizer, prompt, range(3), settings=chosen, seed=3
+    )
+    forced = [c for c in out if c.forced_tokens]
+    assert forced, "the fixture should have a sample without a box"
+    for c in out:
+        first_text = c.text.split(short.force_answer_prompt)[0]
+        assert bool(c.forced_tokens) == ("\\boxed{" not in first_text)
+        assert 0 <= c.forced_tokens <= 12 and c.token_count == len(c.token_ids)
+        assert c.token_count - c.forced_tokens <= 12
+    for c in forced:
+        assert short.force_answer_prompt in c.text
+        # The prompt's own empty box is no answer: only what the model wrote after it counts.
+        tail = c.text.split(short.force_answer_prompt)[1]
+        assert judge_completion(c.text, "5").predicted == (
+            judge_completion(tail, "5").predicted or ""
+        )
+    again = ev.generate_completions(
+        "transformers", model, tokenizer, prompt, range(3), settings=chosen, seed=3
+    )
+    assert [c.text for c in again] == [c.text for c in out]

@@ -242,3 +242,145 @@ def test_bad_arguments_are_refused():
         dail_loss(learner, privileged, negative, mask, direction="sideways")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="one shape"):
         dail_loss(learner, privileged[:, :2], negative, mask)
+    with pytest.raises(ValueError, match="normalisation"):
+        dail_loss(learner, privileged, negative, mask, normalisation="per_word")  # type: ignore[arg-type]
+
+
+# ---- loss normalisation --------------------------------------------------------------------
+
+
+def two_sequences_of_different_lengths():
+    """Sequence 0 has one response position where the learner says (0.75, 0.25); sequence 1
+    has three positions where it says (0.5, 0.5). PS and NR are uniform everywhere."""
+    learner = torch.zeros(2, 3, 2, dtype=torch.float64)
+    learner[0, 0] = torch.tensor([math.log(3.0), 0.0], dtype=torch.float64)  # (0.75, 0.25)
+    reference = torch.zeros(2, 3, 2, dtype=torch.float64)  # uniform
+    mask = torch.tensor([[True, False, False], [True, True, True]])
+    return learner.requires_grad_(), reference, mask
+
+
+def test_per_sequence_and_per_token_normalisation_by_hand():
+    learner, reference, mask = two_sequences_of_different_lengths()
+    # KL((0.75, 0.25) || (0.5, 0.5)) by hand; the uniform positions of sequence 1 give 0.
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    per_token, _ = dail_loss(learner, reference, reference, mask, 0.0, normalisation="per_token")
+    per_sequence, metrics = dail_loss(
+        learner, reference, reference, mask, 0.0, normalisation="per_sequence"
+    )
+    assert per_token.item() == pytest.approx(kl / 4, rel=1e-12)  # (kl + 0 + 0 + 0) / 4 tokens
+    assert per_sequence.item() == pytest.approx((kl / 1 + 0 / 3) / 2, rel=1e-12)  # 2 sequences
+    assert metrics["total"] == pytest.approx(kl / 4, rel=1e-12)  # metrics stay per token
+
+    # The gradient at sequence 0's position is weighted 1/4 per token, 1/(1 * 2) per sequence.
+    (g_token,) = torch.autograd.grad(per_token, learner)
+    (g_sequence,) = torch.autograd.grad(per_sequence, learner)
+    torch.testing.assert_close(g_sequence[0, 0], 2 * g_token[0, 0])
+    assert g_token[0, 0].abs().sum() > 0
+
+    # The NLL baseline the same way: -log 0.75 on sequence 0, -log 0.5 three times on 1.
+    targets = torch.zeros(2, 3, dtype=torch.long)
+    nll_token, _ = nll_loss(learner, targets, mask, normalisation="per_token")
+    nll_sequence, _ = nll_loss(learner, targets, mask, normalisation="per_sequence")
+    a, b = -math.log(0.75), -math.log(0.5)
+    assert nll_token.item() == pytest.approx((a + 3 * b) / 4, rel=1e-12)
+    assert nll_sequence.item() == pytest.approx((a / 1 + 3 * b / 3) / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("normalisation", ["per_sequence", "per_token"])
+def test_accumulated_micro_batches_equal_the_whole_batch_in_both_normalisations(normalisation):
+    learner, privileged, negative, mask = random_views(seed=12)
+    whole, _ = dail_loss(learner, privileged, negative, mask, 0.2, normalisation=normalisation)
+    (whole_grad,) = torch.autograd.grad(whole, learner)
+    items = objective.loss_items(mask, normalisation)
+    assert items == (int(mask.sum()) if normalisation == "per_token" else B)
+    parts = [slice(0, 1), slice(1, 3)]
+    accumulated = sum(
+        dail_loss(
+            learner[s], privileged[s], negative[s], mask[s], 0.2,
+            normaliser=items, normalisation=normalisation,
+        )[0]
+        for s in parts
+    )  # fmt: skip
+    (accumulated_grad,) = torch.autograd.grad(accumulated, learner)
+    torch.testing.assert_close(accumulated, whole)
+    torch.testing.assert_close(accumulated_grad, whole_grad)
+    # And the per-sequence value is the mean over sequences of each one's per-token mean.
+    if normalisation == "per_sequence":
+        means = [
+            dail_loss(learner[i : i + 1], privileged[i : i + 1], negative[i : i + 1],
+                      mask[i : i + 1], 0.2)[0]
+            for i in range(B)
+        ]  # fmt: skip
+        torch.testing.assert_close(whole, sum(means) / B)
+
+
+def test_a_sequence_with_no_position_in_the_loss_is_not_counted():
+    learner, privileged, negative, mask = random_views(seed=13)
+    mask[1] = False
+    assert objective.loss_items(mask, "per_sequence") == 2
+    loss, _ = dail_loss(learner, privileged, negative, mask, normalisation="per_sequence")
+    kept = [0, 2]
+    expected = (
+        sum(
+            dail_loss(
+                learner[i : i + 1], privileged[i : i + 1], negative[i : i + 1], mask[i : i + 1]
+            )[0]
+            for i in kept
+        )
+        / 2
+    )
+    torch.testing.assert_close(loss, expected)
+
+
+# ---- shortcut-span policies on a tiny model ------------------------------------------------
+
+
+def train_logit_table(policy: str, steps: int = 150, gamma: float = 0.1):
+    """A tiny model: a learnable table of logits for two response positions, trained with the
+    DAIL loss where position 1 is reviewer-marked. Returns (initial, trained logits, PS, NR,
+    gradient of the first step)."""
+    g = torch.Generator().manual_seed(3)
+    vocab = 6
+    privileged = torch.randn(1, 2, vocab, generator=g, dtype=torch.float64) * 2
+    negative = torch.randn(1, 2, vocab, generator=g, dtype=torch.float64) * 2
+    table = torch.nn.Parameter(torch.randn(1, 2, vocab, generator=g, dtype=torch.float64))
+    initial = table.detach().clone()
+    response = torch.ones(1, 2, dtype=torch.bool)
+    shortcut = torch.tensor([[False, True]])
+    loss_mask, pull = loss_masks(response, shortcut, "dail", policy)
+    optimizer = torch.optim.Adam([table], lr=0.2)
+    first_grad = None
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss, _ = dail_loss(table, privileged, negative, loss_mask, gamma, "reverse", pull)
+        loss.backward()
+        if first_grad is None:
+            first_grad = table.grad.detach().clone()
+        optimizer.step()
+    return initial, table.detach(), privileged, negative, first_grad
+
+
+def test_drop_pull_alone_drives_a_marked_position_toward_nrs_least_likely_token():
+    _, trained, privileged, negative, _ = train_logit_table("drop_pull")
+    q = F.softmax(trained[0, 1], -1)
+    junk = int(negative[0, 1].argmin())
+    assert junk != int(privileged[0, 1].argmax())  # the junk token is not what PS would say
+    assert q[junk] > 0.95  # the push alone piles the mass onto NR's least likely token
+
+
+def test_drop_position_leaves_a_marked_position_untouched():
+    initial, trained, _, _, first_grad = train_logit_table("drop_position")
+    assert first_grad[0, 1].abs().max().item() == 0.0  # no gradient at the marked position
+    assert first_grad[0, 0].abs().max().item() > 0  # the other position still learns
+    assert torch.equal(trained[0, 1], initial[0, 1])
+
+
+@pytest.mark.parametrize("policy", ["keep", "drop_position", "drop_pull"])
+def test_every_policy_trains_unmarked_positions_to_the_closed_form_minimiser(policy):
+    gamma = 0.1
+    _, trained, privileged, negative, _ = train_logit_table(policy, gamma=gamma)
+    lp, ln = F.log_softmax(privileged, -1), F.log_softmax(negative, -1)
+    target = F.softmax((lp - gamma * ln) / (1 - gamma), -1)  # argmin of KL(q||p) - g KL(q||n)
+    torch.testing.assert_close(F.softmax(trained[0, 0], -1), target[0, 0], atol=1e-3, rtol=0)
+    if policy == "keep":  # the marked position trains like any other
+        torch.testing.assert_close(F.softmax(trained[0, 1], -1), target[0, 1], atol=1e-3, rtol=0)

@@ -26,6 +26,19 @@ from expansion.engine.rollout import RolloutConfig, RolloutError, RolloutRequest
         ({"block_size": 8, "max_block_size": 4}, "max_block_size"),
         ({"draft_view": "both"}, "draft_view"),
         ({"max_batch_size": 0}, "max_batch_size"),
+        # Seeds are bounded: 2^64 would otherwise wrap onto seed 0.
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**63}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        # Settings from JSON: a bool, a string or a float is no whole number.
+        ({"seed": True}, "seed"),
+        ({"seed": "7"}, "seed"),
+        ({"top_k": 20.0}, "top_k"),
+        ({"max_new_tokens": "1_000"}, "max_new_tokens"),
+        ({"tau": "0.8"}, "tau"),
+        ({"temperature": False}, "temperature"),
+        ({"forbidden_token_ids": "12"}, "forbidden_token_ids"),
+        ({"eos_token_ids": [1.5]}, "eos_token_ids"),
     ],
 )
 def test_invalid_settings_raise_value_error_naming_the_setting(settings, message):
@@ -36,6 +49,8 @@ def test_invalid_settings_raise_value_error_naming_the_setting(settings, message
 def test_boundaries_are_valid():
     RolloutConfig(tau=0.0, top_k=1, max_draws=1, top_p=1.0)
     RolloutConfig(tau=1.0)
+    RolloutConfig(seed=0)
+    RolloutConfig(seed=2**63 - 1)
 
 
 def test_snapshot_round_trips_through_json():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from tests.engine.training_fixtures import make_examples, save_tiny_llama
 from training.engine import trainer as trainer_module
+from training.engine.adapter_motion import did_not_move, lora_update_norm
 from training.engine.config import LORA_TARGETS, DailTrainingConfig
 from training.engine.data import DailCollator, TrainingExample, fit_to_length
 from training.engine.objective import dail_loss, kl_divergence
@@ -156,6 +158,26 @@ def test_config_defaults_are_the_release_values():
     assert (instruct.epochs, instruct.max_length) == (5, 12288)
     assert (reasoning.epochs, reasoning.max_length, reasoning.gamma) == (3, 2048, 0.0)
     assert DailTrainingConfig.from_dict(config.to_dict()) == config
+    # Ours, not the paper's: no unbounded push on marked tokens; the release's loss mean.
+    assert (config.shortcut_policy, config.loss_normalisation) == ("drop_position", "per_sequence")
+
+
+def test_settings_stored_before_loss_normalisation_existed_load_as_those_runs_trained():
+    stored = {**DailTrainingConfig().to_dict(), "shortcut_policy": "drop_pull"}
+    del stored["loss_normalisation"]
+    old = DailTrainingConfig.from_dict(stored)
+    assert (old.loss_normalisation, old.shortcut_policy) == ("per_token", "drop_pull")
+
+
+def test_planned_steps_and_the_warm_up_rule():
+    config = DailTrainingConfig(effective_batch_size=4, micro_batch_size=2, warmup_steps=2)
+    # per epoch ceil(ceil(9 / 2) / 2) = 3 steps, times 3 epochs
+    assert config.planned_steps(9) == 9 and config.planned_steps(2) == 3
+    config.check_warmup(3)  # 2 warm-up steps < 3 planned: the third runs at the full rate
+    for planned in (2, 1):
+        with pytest.raises(ValueError, match="warmup_steps"):
+            config.check_warmup(planned)
+    DailTrainingConfig(warmup_steps=0).check_warmup(1)  # no warm-up: the first step trains
 
 
 @pytest.mark.parametrize(
@@ -175,11 +197,30 @@ def test_config_defaults_are_the_release_values():
         ("checkpoint_every", 0),
         ("lora_dropout", 1.0),
         ("max_grad_norm", float("nan")),
+        ("loss_normalisation", "per_word"),
+        ("shortcut_policy", "drop_everything"),
+        # Seeds are bounded (numpy takes 32-bit seeds) and JSON types are checked.
+        ("seed", -1),
+        ("seed", 2**31),
+        ("seed", 2**64),
+        ("seed", True),
+        ("seed", "7"),
+        ("epochs", 3.0),
+        ("gamma", "0.1"),
+        ("reference_cache", 1),
+        ("checkpoints_to_keep", 2.5),
     ],
 )
 def test_config_refuses_out_of_range_values_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         DailTrainingConfig(**{field: value})
+
+
+def test_config_takes_seeds_up_to_its_limit():
+    from training.engine.config import SEED_MAX
+
+    assert DailTrainingConfig(seed=SEED_MAX).seed == 2**31 - 1
+    assert DailTrainingConfig.from_dict({"seed": 0, "checkpoints_to_keep": None}).seed == 0
 
 
 def test_config_from_dict_refuses_unknown_settings():
@@ -267,14 +308,23 @@ def test_reference_cache_gives_the_recomputed_loss(model_dir, tmp_path):
     assert not list((tmp_path / "cache").rglob("*.safetensors"))
 
 
-def test_accumulated_micro_batches_equal_one_batch_in_the_trainer(model_dir, tmp_path):
-    """Trainer's gradient accumulation divides by the tokens of the whole accumulated batch."""
+@pytest.mark.parametrize("normalisation", ["per_sequence", "per_token"])
+def test_accumulated_micro_batches_equal_one_batch_in_the_trainer(
+    normalisation, model_dir, tmp_path
+):
+    """Trainer's gradient accumulation divides by the whole accumulated batch: its sequences
+    (per_sequence) or its response tokens (per_token)."""
     examples = make_examples(2, seed=3)
     assert len(examples[0].response_ids) != len(examples[1].response_ids)
     collate = DailCollator()
     grads = []
+    expected_items = (
+        len(examples)
+        if normalisation == "per_sequence"
+        else sum(len(e.response_ids) for e in examples)
+    )
     for micro, parts in ((1, [examples[:1], examples[1:]]), (2, [examples])):
-        config = tiny_config(micro_batch_size=micro, gamma=0.3)
+        config = tiny_config(micro_batch_size=micro, gamma=0.3, loss_normalisation=normalisation)
         peft_model = load_model_with_lora(model_dir, config)
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
@@ -283,7 +333,7 @@ def test_accumulated_micro_batches_equal_one_batch_in_the_trainer(model_dir, tmp
         batches, tokens = trainer.get_batch_samples(
             iter([collate(p) for p in parts]), len(parts), torch.device("cpu")
         )
-        assert tokens == sum(len(e.response_ids) for e in examples)
+        assert tokens == expected_items
         for batch in batches:
             trainer.training_step(peft_model, batch, tokens)
         grads.append(
@@ -363,6 +413,7 @@ def uninterrupted(model_dir, tmp_path_factory):
 def test_progress_reports_every_step(uninterrupted):
     _, [(result, events), _] = uninterrupted
     assert result.status == "completed" and result.global_step == result.total_steps == 6
+    assert tiny_config().planned_steps(4) == 6  # what the launch computes, before training
     assert [e.step for e in events] == [1, 2, 3, 4, 5, 6]
     assert all(e.total_steps == 6 for e in events)
     assert events[-1].epoch == pytest.approx(3.0)
@@ -516,6 +567,39 @@ def test_saved_adapter_is_a_standard_peft_lora_directory(uninterrupted, model_di
     torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
 
 
+def test_update_norm_is_the_frobenius_norm_of_the_lora_update(uninterrupted, model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, [(result, _), _] = uninterrupted
+    # Independently: merge the adapter and compare each weight with the base model's.
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    base_weights = {n: w.detach().double().clone() for n, w in base.state_dict().items()}
+    merged = PeftModel.from_pretrained(base, result.adapter_dir).merge_and_unload()
+    squared = sum(
+        float(((w.detach().double() - base_weights[n]) ** 2).sum())
+        for n, w in merged.state_dict().items()
+    )
+    assert squared > 0
+    assert result.update_norm == pytest.approx(math.sqrt(squared), rel=1e-3)
+    assert lora_update_norm(result.adapter_dir) == result.update_norm
+    assert not did_not_move(result.update_norm)
+
+    fresh = load_model_with_lora(model_dir, tiny_config())  # peft starts every lora_B at 0
+    fresh.save_pretrained(tmp_path / "fresh")
+    assert lora_update_norm(tmp_path / "fresh") == 0.0
+    assert did_not_move(0.0) and not did_not_move(None)
+
+
+def test_a_run_that_never_leaves_warm_up_is_refused(model_dir, tmp_path):
+    """2 traces, batch 2, 1 epoch: one optimizer step, the first of a warm-up (lr 0)."""
+    config = tiny_config(epochs=1, warmup_steps=1)
+    assert config.planned_steps(2) == 1
+    with pytest.raises(TrainingDataError, match="warmup_steps"):
+        train_adapter(model_dir, make_examples(2), config, tmp_path)
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_objective_loss_runs_both_objectives_on_one_batch(model_dir):
     peft_model = load_model_with_lora(model_dir, tiny_config())
     batch = DailCollator()(make_examples(2, seed=4))
@@ -533,33 +617,113 @@ def test_no_example_fits_is_a_clear_error(model_dir, tmp_path):
         train_adapter(model_dir, make_examples(2), tiny_config(max_length=8), tmp_path)
 
 
-@pytest.mark.slow
-def test_a_few_steps_on_the_embedded_model(embedded_model_dir, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def embedded_examples(model_dir) -> list[TrainingExample]:
+    """Two traces of the embedded model in the three DAIL views (the method's prompts, short)."""
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     def prompt(text: str) -> list[int]:
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True
         )["input_ids"]
 
-    problem = "## Problem:\nWhat is 12 * 13?\n\n"
-    response = tokenizer("12 * 13 = 12 * 10 + 12 * 3 = 120 + 36 = 156. \\boxed{156}")["input_ids"]
-    example = TrainingExample(
-        prompt(problem + "Begin your step-by-step thinking process.\n"),
-        prompt(problem + "## Reference Solution(s):\n12*13 = 156 by distributivity.\n"),
-        prompt(problem + "Hint: The final answer is 156.\nBegin your step-by-step thinking."),
-        response,
-    )
+    cases = [
+        ("What is 12 * 13?", "12*13 = 12*10 + 12*3 = 156.", "156",
+         "12 * 13 = 12 * 10 + 12 * 3 = 120 + 36 = 156. \\boxed{156}"),
+        ("What is 3^4?", "3^4 = 9 * 9 = 81.", "81",
+         "3^4 = 3^2 * 3^2 = 9 * 9 = 81. \\boxed{81}"),
+    ]  # fmt: skip
+    examples = []
+    for problem, solution, answer, response in cases:
+        head = f"## Problem:\n{problem}\n\n"
+        examples.append(
+            TrainingExample(
+                prompt(head + "Begin your step-by-step thinking process.\n"),
+                prompt(head + f"## Reference Solution(s):\n{solution}\n"),
+                prompt(head + f"Hint: The final answer is {answer}.\nBegin your thinking."),
+                tokenizer(response, add_special_tokens=False)["input_ids"],
+            )
+        )
+    return examples
+
+
+def response_log_probs(peft_model, prompt, response, *, adapter: bool) -> torch.Tensor:
+    """`(T, V)` log-probabilities of the model at the response positions after `prompt`."""
+    ids = torch.tensor([[*prompt, *response]])
+    if adapter:
+        logits = peft_model(input_ids=ids).logits[0]
+    else:
+        with peft_model.disable_adapter():
+            logits = peft_model(input_ids=ids).logits[0]
+    start = len(prompt) - 1  # the logit predicting response token 0
+    return torch.log_softmax(logits[start : start + len(response)].double(), -1)
+
+
+def kl_to_privileged_on_training_positions(peft_model, examples, *, adapter: bool) -> float:
+    """Mean KL(learner || PS) over the response positions, computed here from plain forwards
+    (not through the engine's views): the learner with the adapter on or off, PS always off."""
+    values = []
+    peft_model.eval()
+    with torch.no_grad():
+        for example in examples:
+            response = list(example.response_ids)
+            learner = response_log_probs(
+                peft_model, example.learner_prompt_ids, response, adapter=adapter
+            )
+            privileged = response_log_probs(
+                peft_model, example.privileged_prompt_ids, response, adapter=False
+            )
+            kl = (learner.exp() * (learner - privileged)).sum(-1)  # (T,) KL(learner || PS)
+            values.extend(kl.tolist())
+    return sum(values) / len(values)
+
+
+@pytest.mark.slow
+def test_the_all_warm_up_launch_is_refused_on_the_embedded_model(embedded_model_dir, tmp_path):
+    """The case found in review: 2 traces, batch 2, 1 epoch and 5 warm-up steps gave one step
+    at learning rate 0 and an adapter whose lora_B were all exactly 0."""
     config = DailTrainingConfig(
         effective_batch_size=2, epochs=1, lora_r=8, lora_alpha=8, max_length=256, device="cpu"
     )
-    result = train_adapter(embedded_model_dir, [example, example], config, tmp_path)
-    assert result.status == "completed" and result.global_step == 1
-    assert all(map(lambda h: h["loss"] == h["loss"], result.history))  # finite, not NaN
-    loaded = PeftModel.from_pretrained(
+    assert config.planned_steps(2) == 1 and config.warmup_steps == 5
+    with pytest.raises(TrainingDataError, match=r"warmup_steps \(5\).*1 planned"):
+        train_adapter(embedded_model_dir, embedded_examples(embedded_model_dir), config, tmp_path)
+    assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.slow
+def test_a_tiny_dail_run_on_the_embedded_model_moves_the_learner_toward_the_privileged_view(
+    embedded_model_dir, tmp_path
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    examples = embedded_examples(embedded_model_dir)
+    config = DailTrainingConfig(
+        effective_batch_size=2,
+        epochs=4,
+        warmup_steps=1,
+        learning_rate=1e-3,
+        lora_r=8,
+        lora_alpha=8,
+        max_length=256,
+        device="cpu",
+        reference_cache=False,
+    )
+    result = train_adapter(embedded_model_dir, examples, config, tmp_path)
+    assert result.status == "completed" and result.global_step == config.planned_steps(2) == 4
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+
+    weights = adapter_weights(result.adapter_dir)
+    assert any(w.abs().max() > 0 for n, w in weights.items() if "lora_B" in n)
+    assert result.update_norm > 1e-3 and not did_not_move(result.update_norm)
+
+    trained = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(embedded_model_dir), result.adapter_dir
     )
-    assert any("lora_A" in n for n, _ in loaded.named_parameters())
+    before = kl_to_privileged_on_training_positions(trained, examples, adapter=False)
+    after = kl_to_privileged_on_training_positions(trained, examples, adapter=True)
+    print(f"KL(learner || PS) on the training positions: base {before:.4f} -> adapter {after:.4f}")
+    assert before > 0.05  # the privileged view really differs from the learner's
+    assert after < 0.9 * before

@@ -100,3 +100,93 @@ def test_launch_pins_versions_and_splits_into_gpu_chunks(queue):
         newest = member.problem.versions.order_by("-number").first()
         assert member.solution_version_id == newest.pk
         assert member.partial_solution  # s~ rendered at launch
+
+
+# --- Presets and kept rules (recorded with the run) -------------------------------------------
+
+
+def test_the_default_preset_is_the_release_dail_data_and_is_recorded(queue):
+    run = launch([make_problem()])
+    assert run.rollout_preset == "release_dail" and run.rollout_config["tau"] == 1.0
+    assert run.rollout_overrides == {}
+    assert run.rollout_config["top_k"] == 20 and run.rollout_config["temperature"] == 1.0
+    assert run.kept_rule == "release"
+
+
+def test_explicit_settings_override_the_preset_and_both_are_recorded(queue):
+    run = launch(
+        [make_problem()],
+        preset="mixed_policy",
+        rollout={"max_draws": 3, "max_new_tokens": 64},
+        kept_rule="every_correct",
+    )
+    assert run.rollout_preset == "mixed_policy"
+    assert run.rollout_overrides == {"max_draws": 3, "max_new_tokens": 64}
+    config = run.rollout_config
+    assert (config["tau"], config["max_draws"], config["max_new_tokens"]) == (0.8, 3, 64)
+    assert run.kept_rule == "every_correct"
+    assert "prob_threshold_non_reasoning" in run.rollout_preset_description
+    assert "every correct trace" in run.kept_rule_description
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [({"preset": "fastest"}, "unknown preset 'fastest'"), ({"kept_rule": "best"}, "kept rule")],
+)
+def test_unknown_presets_and_kept_rules_are_refused(queue, settings, message):
+    with pytest.raises(DomainError, match=message):
+        launch([make_problem()], **settings)
+    assert nothing_created()
+
+
+def test_runs_without_a_recorded_rule_read_as_the_old_behaviour():
+    from expansion.engine.answers import kept_rule_description
+
+    assert ExpansionRun._meta.get_field("kept_rule").default == ""
+    assert "before kept rules were named" in kept_rule_description("")
+
+
+def test_the_launch_form_sends_the_preset_and_only_the_fields_typed_over_it():
+    from expansion.forms import RunLaunchForm
+
+    data = {
+        "name": "r",
+        "model_path": "/m",
+        "backend": "transformers",
+        "samples_per_problem": "2",
+        "preset": "pure_learner",
+        "tau": "",
+        "temperature": "0.7",
+        "max_new_tokens": "64",
+        "seed": "5",
+        "chunk_problems": "4",
+        "kept_rule": "all",
+    }
+    form = RunLaunchForm(data)
+    assert form.is_valid(), form.errors
+    assert form.cleaned_data["preset"] == "pure_learner"
+    assert form.rollout_settings() == {"temperature": 0.7, "max_new_tokens": 64, "seed": 5}
+    assert form.fields["tau"].widget.attrs["placeholder"] == "preset: 0.0"
+    assert "training_file_utils.py" in form.fields["preset"].help_text
+
+
+def test_launch_expansion_command_takes_a_preset(queue):
+    from django.core.management import call_command
+
+    problem = make_problem()
+    call_command(
+        "launch_expansion",
+        "--dataset",
+        problem.dataset.name,
+        "--model",
+        "/models/any",
+        "--preset",
+        "mixed_policy",
+        "--rollout",
+        '{"seed": 9}',
+        "--kept-rule",
+        "every_correct",
+    )
+    run = ExpansionRun.objects.get()
+    assert (run.rollout_preset, run.rollout_overrides) == ("mixed_policy", {"seed": 9})
+    assert run.rollout_config["tau"] == 0.8 and run.kept_rule == "every_correct"

@@ -1,13 +1,19 @@
 """README command 1 on embedded defaults: `manage.py up` (what `./dev up` runs after
 installing) with no DATABASE_URL and no CELERY_BROKER_URL: SQLite + the embedded Redis,
-two real workers and the web server, then a login page that answers."""
+two real workers and the web server, then a login page that answers. And its supervision:
+a killed Redis comes back, a child that keeps dying stops everything."""
 
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +72,101 @@ def test_up_runs_everything_on_embedded_defaults(tmp_path, embedded_model_dir):
 
     with sqlite3.connect(data / "db.sqlite3") as db:
         assert db.execute("SELECT count(*) FROM curation_problem").fetchone()[0] == 270
+
+
+def embedded_env(data: Path) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"DATABASE_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE", "SECRET_KEY"}
+    }
+    env.update({"DAIL_DATA_DIR": str(data), "DEBUG": "0", "PYTHONUNBUFFERED": "1"})
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "secret_key").write_text("a-test-secret-key-written-like-dev-setup-does-" + "k" * 20)
+    return env
+
+
+def wait_until(predicate, timeout: float, what: str, process: subprocess.Popen, output):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        assert process.poll() is None or predicate(), f"up exited early:\n{output()[-4000:]}"
+        time.sleep(0.3)
+    raise AssertionError(f"{what} did not happen in {timeout} s:\n{output()[-4000:]}")
+
+
+def job_state(data: Path, job_id: int) -> str:
+    with sqlite3.connect(data / "db.sqlite3", timeout=10) as db:
+        return db.execute("SELECT state FROM jobs_job WHERE id = ?", (job_id,)).fetchone()[0]
+
+
+def test_up_restarts_killed_redis_and_stops_on_a_crash_loop(tmp_path):
+    data = tmp_path / "d"
+    env = embedded_env(data)
+    port = free_port()
+    console = tmp_path / "up.out"
+    with console.open("wb") as sink:
+        up = subprocess.Popen(
+            [sys.executable, "manage.py", "up", "--skip-model", "--port", str(port)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def output() -> str:
+        return console.read_text(errors="replace")
+
+    try:
+        wait_until(lambda: "running at" in output(), 300, "startup", up, output)
+        redis_pid = int(re.search(r"redis: started \(pid (\d+)\)", output()).group(1))
+        os.kill(redis_pid, signal.SIGKILL)
+        wait_until(lambda: "redis: restarted" in output(), 30, "redis restart", up, output)
+        assert f"redis (pid {redis_pid}) stopped unexpectedly (killed by SIGKILL)" in output()
+        assert not Path(f"/proc/{redis_pid}").exists()  # reaped: no zombie left behind
+
+        # Both workers reconnect to the restarted broker: jobs launched now run.
+        launch = (
+            "from dailweb.jobs import services\n"
+            "for queue in ('default', 'gpu'):\n"
+            "    job = services.job_launch(kind='worker_check', launched_by=None, queue=queue,"
+            " params={'steps': 2, 'seconds_per_step': 0})\n"
+            "    print('launched job', job.pk)"
+        )
+        launched = subprocess.run(
+            [sys.executable, "manage.py", "shell", "-c", launch],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert launched.returncode == 0, launched.stderr
+        job_ids = [int(pk) for pk in re.findall(r"launched job (\d+)", launched.stdout)]
+        assert len(job_ids) == 2, launched.stdout
+        wait_until(
+            lambda: all(job_state(data, pk) == "succeeded" for pk in job_ids),
+            120,
+            "jobs after the broker restart",
+            up,
+            output,
+        )
+
+        # A broker that cannot start any more (its append-only file is corrupt) is retried
+        # with growing pauses, then everything stops, naming the log that says why.
+        (data / "redis" / "appendonly.aof").write_text("this is not an append-only file\n")
+        current = int(re.findall(r"redis: restarted \(pid (\d+)\)", output())[-1])
+        os.kill(current, signal.SIGKILL)
+        up.wait(timeout=90)
+        assert up.returncode != 0
+        text = output()
+        assert "restarting in 1 s" in text and "restarting in 8 s" in text
+        assert f"stopping everything. Read {data / 'redis' / 'redis.log'}" in text
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0  # the web server was stopped too
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGTERM)
+            up.wait(timeout=60)

@@ -32,7 +32,9 @@ def test_admin_launches_model_preparation_and_it_converts(
     page = client.get(reverse("expansion:models")).content.decode()
     assert "not prepared" in page
 
-    response = client.post(reverse("jobs:launch", kwargs={"kind": "model_prepare"}))
+    response = client.post(
+        reverse("jobs:launch", kwargs={"kind": "model_prepare"}), {"confirm": "yes"}
+    )
     assert response.status_code == 302
     job = Job.objects.get(kind="model_prepare")
     assert response["Location"] == reverse("jobs:detail", kwargs={"job_id": job.pk})
@@ -80,8 +82,8 @@ def test_corrupt_gguf_fails_the_job_naming_the_file(
 def test_second_preparation_is_refused_while_one_is_active(client, broker_url, clean_queues):
     client.force_login(make_user("admin"))
     url = reverse("jobs:launch", kwargs={"kind": "model_prepare"})
-    assert client.post(url).status_code == 302
-    response = client.post(url)
+    assert client.post(url, {"confirm": "yes"}).status_code == 302
+    response = client.post(url, {"confirm": "yes"})
     assert response.status_code == 400
     assert "already being prepared" in response.content.decode()
     assert Job.objects.filter(kind="model_prepare").count() == 1

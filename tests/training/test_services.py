@@ -400,3 +400,42 @@ def test_comparison_warns_about_different_problem_sets_and_exports():
     document = selectors.export_document(comparison)
     json.dumps(document)
     assert document["evaluations"][1]["metrics"]["problems"] == 1
+
+
+# --- Protocols -----------------------------------------------------------------------------------
+
+
+def test_launch_records_the_protocol_and_refuses_unknown_ones(queue, tiny_model_path):
+    dataset, _ = problems(2)
+    assert launch(tiny_model_path, dataset).protocol == "workbench"
+    release = launch(tiny_model_path, dataset, protocol="release")
+    assert release.protocol == "release" and "presence_penalty=1.5" in release.protocol_description
+    count = Evaluation.objects.count()
+    with pytest.raises(DomainError, match="unknown protocol 'paper'"):
+        launch(tiny_model_path, dataset, protocol="paper")
+    assert Evaluation.objects.count() == count
+
+
+def test_release_protocol_execution_stores_the_forced_tokens(queue, tiny_model_path):
+    """The tiny random model never boxes: every sample gets the force-answer pass, whose
+    tokens are stored with the sample (and counted in its tokens, not in its budget)."""
+    dataset, _ = problems(1)
+    evaluation = launch(tiny_model_path, dataset, protocol="release", samples_per_problem=2, ks=[1])
+    services.evaluation_execute(
+        evaluation_id=evaluation.pk, progress=lambda *a: None, log=lambda m: None
+    )
+    samples = list(EvaluationSample.objects.filter(eval_problem__evaluation=evaluation))
+    assert len(samples) == 2 and all(s.forced_tokens > 0 for s in samples)
+    assert all("The final answer (in \\boxed{}):" in s.text for s in samples)
+    assert not any(s.has_answer and not s.answer_extracted for s in samples)
+    result = selectors.evaluation_result(evaluation)
+    assert result.forced == 2 and result.forced_tokens == sum(s.forced_tokens for s in samples)
+
+
+def test_comparison_flags_evaluations_under_different_protocols():
+    first = make_evaluation(problems=1, samples=2)
+    second = make_evaluation(problems=1, samples=2, protocol="release", on_problems=None)
+    comparison = selectors.evaluation_comparison([first.pk, second.pk])
+    assert any("Not comparable" in w and "release, workbench" in w for w in comparison.warnings)
+    same = selectors.evaluation_comparison([first.pk, make_evaluation(problems=1).pk])
+    assert not any("protocol" in w for w in same.warnings)

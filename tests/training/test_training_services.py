@@ -23,6 +23,7 @@ from tests.factories import make_user
 from tests.training.training_factories import make_tokenized_run, small_config
 from training import selectors
 from training.engine import evaluation as evaluation_engine
+from training.engine.adapter_motion import lora_update_norm
 from training.models import TrainingMetric, TrainingRun
 from training.services import training as services
 
@@ -225,6 +226,20 @@ def test_a_run_trains_writes_its_adapter_with_lineage_and_downloads(tiny_model_p
     assert lineage["training_run"] == run.pk and lineage["job"] == job.pk
     assert lineage["snapshot"]["sha256"] == run.snapshot_sha256
     assert lineage["config"]["gamma"] == 0.1 and lineage["base_model"] == run.base_model_path
+    # The release's normalisation and the safe span policy are the defaults, recorded.
+    assert lineage["loss_normalisation"] == "per_sequence" == run.config["loss_normalisation"]
+    assert lineage["shortcut_policy"] == "drop_position"
+    # How far the adapter moved is measured from the adapter written, and recorded.
+    assert run.update_norm == pytest.approx(lora_update_norm(adapter)) and run.update_norm > 0
+    assert not run.did_not_move and "LoRA update norm" in job.log
+    first = run.metrics.get(step=1)
+    assert run.final_metrics["first_loss"] == first.loss and run.final_metrics["first_step"] == 1
+    assert lineage["adapter_update"] == {
+        "update_norm": run.update_norm,
+        "did_not_move": False,
+        "first_loss": first.loss,
+        "last_loss": run.final_metrics["loss"],
+    }
     assert "snapshot: 2 accepted traces" in job.log and "adapter written" in job.log
 
     client.force_login(make_user("admin"))
@@ -339,3 +354,143 @@ def test_the_page_warns_when_the_negative_term_dominates(tiny_model_path, queue)
     # NLL runs have no negative term.
     run.objective = "nll"
     assert selectors.negative_term_warning(run) == ""
+
+
+# ---- what reviewers accepted, made visible; warm-up that would train nothing ---------------
+
+
+def flag_traces(run_data) -> dict[str, int]:
+    """Give the accepted traces of `make_tokenized_run(problems=2, samples=3)` known flags:
+    samples 1 are incorrect and not kept (the factory's), one sample 0 is truncated, one
+    sample 2 has no answer. Returns trace ids by role."""
+    traces = list(Trace.objects.filter(run=run_data).order_by("run_problem__position", "pk"))
+    Trace.objects.filter(run=run_data).update(answer_extracted="3")
+    truncated, unanswered = traces[0], traces[5]
+    Trace.objects.filter(pk=truncated.pk).update(finish_reason="length")
+    Trace.objects.filter(pk=unanswered.pk).update(answer_extracted="", answer_correct=False)
+    return {"truncated": truncated.pk, "unanswered": unanswered.pk}
+
+
+def test_flagged_accepted_traces_are_counted_and_left_out_only_when_chosen(tiny_model_path, queue):
+    run_data = make_tokenized_run(tiny_model_path, problems=2, samples=3)
+    ids = flag_traces(run_data)
+    assert services.accepted_trace_flags(run_ids=[run_data.pk]) == {
+        "incorrect": 3,  # the two samples 1 and the unanswered one
+        "no_answer": 1,
+        "truncated": 1,
+        "not_kept": 2,
+    }
+    # Default: nothing is left out, and the counts are recorded.
+    kept_all = launch(tiny_model_path, [run_data.pk])
+    assert kept_all.snapshot_traces == 6 and kept_all.data_filter["leave_out"] == []
+    assert kept_all.data_filter["left_out_total"] == 0
+    assert kept_all.data_filter["flagged"]["incorrect"] == 3
+
+    chosen = services.training_run_launch(
+        settings=services.TrainingSettings(
+            name="clean",
+            base_model_path=str(tiny_model_path),
+            run_ids=[run_data.pk],
+            config=small_config(max_length=512),
+            leave_out=["truncated", "incorrect"],
+        ),
+        launched_by=make_user("admin"),
+    )
+    incorrect = set(
+        Trace.objects.filter(run=run_data, answer_correct=False).values_list("pk", flat=True)
+    )
+    left_out = incorrect | {ids["truncated"]}
+    assert len(left_out) == 4
+    assert set(chosen.trace_ids) == set(kept_all.trace_ids) - left_out
+    records = services.read_snapshot(Path(chosen.snapshot_file), chosen.snapshot_sha256)
+    assert {r["trace_id"] for r in records} == set(chosen.trace_ids)
+    assert chosen.data_filter == {
+        "leave_out": ["incorrect", "truncated"],  # in the flags' order
+        "flagged": {"incorrect": 3, "no_answer": 1, "truncated": 1, "not_kept": 2},
+        "left_out": {"incorrect": 3, "truncated": 1},
+        "left_out_total": 4,
+    }
+    assert chosen.data_filter_rows[0] == ("incorrect answer", 3, 3)
+    assert chosen.data_filter_rows[1] == ("no answer found", 1, None)  # kept in
+
+
+def test_leaving_every_trace_out_or_an_unknown_flag_is_refused(tiny_model_path, queue):
+    run_data = make_tokenized_run(tiny_model_path, samples=2)
+    Trace.objects.filter(run=run_data).update(answer_correct=False)
+    for leave_out, message in ((["incorrect"], "2 accepted but left out"), (["wrong"], "wrong")):
+        with pytest.raises(DomainError, match=message):
+            services.training_run_plan(
+                settings=services.TrainingSettings(
+                    "x", str(tiny_model_path), [run_data.pk], small_config(), leave_out
+                )
+            )
+    assert not TrainingRun.objects.exists()
+
+
+def test_a_warm_up_not_shorter_than_the_planned_steps_is_refused_on_its_field(
+    tiny_model_path, queue, artifacts
+):
+    """Found in review: 2 traces, 1 step of batch 2, 2 warm-up steps: it trained at lr 0."""
+    run_data = make_tokenized_run(tiny_model_path, samples=2)
+    for warmup in (1, 2):
+        with pytest.raises(DomainError, match="1 planned optimizer step") as caught:
+            launch(tiny_model_path, [run_data.pk], effective_batch_size=2, warmup_steps=warmup)
+        assert "warmup_steps" in caught.value.field_errors
+    assert not TrainingRun.objects.exists() and not Job.objects.filter(kind="training").exists()
+    assert not (artifacts / "training").exists() or not any((artifacts / "training").iterdir())
+    # One warm-up step of two planned: step 2 runs at the full learning rate.
+    run = launch(tiny_model_path, [run_data.pk], warmup_steps=1)
+    assert run.total_steps == 2
+
+
+def test_the_plan_says_what_a_launch_would_train_on_and_writes_nothing(
+    tiny_model_path, queue, artifacts
+):
+    run_data = make_tokenized_run(tiny_model_path, problems=2, samples=3)
+    flag_traces(run_data)
+    plan = services.training_run_plan(
+        settings=services.TrainingSettings(
+            "x", str(tiny_model_path), [run_data.pk], small_config(epochs=2), ["not_kept"]
+        )
+    )
+    assert (plan.examples_used, plan.left_out_total, plan.planned_steps) == (4, 2, 8)
+    assert plan.flag_rows[3] == ("not kept by the run's kept rule", 2, 2)
+    assert not TrainingRun.objects.exists() and not (artifacts / "training").exists()
+
+
+def test_an_adapter_that_did_not_move_is_marked_and_evaluation_warns(tiny_model_path, tmp_path):
+    from tests.training.training_factories import make_training_run
+    from training.engine.config import DailTrainingConfig
+    from training.engine.trainer import load_model_with_lora
+
+    still = tmp_path / "still" / "adapter"
+    load_model_with_lora(
+        tiny_model_path, DailTrainingConfig(lora_r=4, device="cpu")
+    ).save_pretrained(still)
+    assert lora_update_norm(still) == 0.0
+    # An adapter on disk that no run recorded is measured from its files.
+    assert selectors.adapter_did_not_move(str(still))
+    run = make_training_run(
+        job_state="succeeded", name="never moved", adapter_path=str(still), update_norm=0.0
+    )
+    moved = make_training_run(
+        job_state="succeeded", name="moved", adapter_path=str(tmp_path / "x"), update_norm=0.5
+    )
+    assert run.did_not_move and not moved.did_not_move
+    assert selectors.adapter_did_not_move(str(still)) and not selectors.adapter_did_not_move(
+        moved.adapter_path
+    )
+    assert [r.pk for r in selectors.adapters_that_did_not_move()] == [run.pk]
+
+    from django.test import Client
+
+    client = Client()
+    client.force_login(make_user("admin"))
+    for url in (f"/training/{run.pk}/", "/training/", "/training/adapters/"):
+        page = client.get(url).content.decode()
+        assert "did not move" in page, url
+        assert f'data-testid="did-not-move-{moved.pk}"' not in page
+    page = client.get("/evaluations/new/").content.decode()
+    assert 'data-testid="adapters-did-not-move"' in page and str(still) in page
+    chosen = client.post("/evaluations/new/", {"adapter_path": str(still)}).content.decode()
+    assert 'data-testid="chosen-adapter-did-not-move"' in chosen

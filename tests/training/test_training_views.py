@@ -14,7 +14,7 @@ from django.test import Client
 
 from dailweb.jobs.models import Job
 from tests.factories import make_user
-from tests.training.training_factories import make_tokenized_run, make_training_run
+from tests.training.training_factories import make_tokenized_run, make_training_run, small_config
 from training.models import TrainingRun
 from training.services.training import training_defaults
 
@@ -44,6 +44,7 @@ def form_data(model_dir, run_ids, **overrides) -> dict:
         "max_length": "512",
         "effective_batch_size": "1",
         "micro_batch_size": "1",
+        "warmup_steps": "1",  # shorter than the 2 steps of the usual 2 traces
     }
     return data | overrides
 
@@ -216,7 +217,7 @@ def test_launch_training_command(tiny_model_path, broker_url, clean_queues):
         "--runs", str(run_data.pk),
         "--model", str(tiny_model_path),
         "--objective", "nll",
-        "--config", json.dumps({"max_length": 512, "effective_batch_size": 1}),
+        "--config", json.dumps({"max_length": 512, "effective_batch_size": 1, "warmup_steps": 1}),
         stdout=out,
     )  # fmt: skip
     run = TrainingRun.objects.get()
@@ -233,3 +234,66 @@ def test_launch_training_command(tiny_model_path, broker_url, clean_queues):
     with pytest.raises(CommandError, match="snapshot is empty"):
         call_command("launch_training", "--runs", str(empty.pk), "--model", str(tiny_model_path))
     assert TrainingRun.objects.count() == 1
+    # --leave-out: the run's traces both incorrect (the factory: sample 1), one left out.
+    call_command(
+        "launch_training", "--runs", str(run_data.pk), "--model", str(tiny_model_path),
+        "--leave-out", "incorrect",
+        "--config", json.dumps({"max_length": 512, "effective_batch_size": 1, "warmup_steps": 0}),
+        stdout=out,
+    )  # fmt: skip
+    latest = TrainingRun.objects.order_by("-pk").first()
+    assert latest.snapshot_traces == 1 and latest.data_filter["left_out"] == {"incorrect": 1}
+    assert "1 more accepted left out by --leave-out" in out.getvalue()
+
+
+def test_the_form_checks_data_and_steps_without_launching(tiny_model_path):
+    run_data = make_tokenized_run(tiny_model_path, samples=3)  # sample 1: incorrect, not kept
+    page_before = admin_client().get("/training/new/").content.decode()
+    assert "(of those accepted: 1 incorrect answer" in page_before  # counts beside the run
+    data = form_data(tiny_model_path, [run_data.pk], preview="1", epochs="2")
+    data["leave_out"] = ["incorrect"]
+    response = admin_client().post("/training/new/", data)
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert 'data-testid="training-plan"' in page
+    plan = response.context["plan"]
+    assert (plan.examples_used, plan.planned_steps, plan.left_out_total) == (2, 4, 1)
+    assert "<strong>4</strong> = ceil(ceil(2 / 1) / 1) × 2 epoch(s)" in page
+    assert "1 incorrect answer — 1 left out" in page
+    assert not TrainingRun.objects.exists() and not Job.objects.exists()
+
+
+def test_a_warm_up_as_long_as_the_run_is_an_error_on_its_field(tiny_model_path):
+    run_data = make_tokenized_run(tiny_model_path, samples=2)
+    response = admin_client().post(
+        "/training/new/", form_data(tiny_model_path, [run_data.pk], warmup_steps="2")
+    )
+    assert response.status_code == 400
+    errors = response.context["form"].errors
+    assert "must be below the 2 planned optimizer step(s), or 0" in " ".join(errors["warmup_steps"])
+    assert "first step of a warm-up runs at learning rate 0" in response.content.decode()
+    assert not TrainingRun.objects.exists()
+
+
+def test_run_page_shows_normalisation_policies_and_what_was_left_out():
+    legacy_config = small_config(shortcut_policy="drop_pull")
+    del legacy_config["loss_normalisation"]  # stored before the setting existed
+    old = make_training_run(config=legacy_config)
+    page = admin_client().get(f"/training/{old.pk}/").content.decode()
+    assert old.loss_normalisation == "per_token"
+    assert "per_token (mean over all tokens" in page and "recorded before the setting" in page
+    assert "not counted (launched before flags were counted)" in page
+
+    new = make_training_run(
+        data_filter={
+            "leave_out": ["incorrect"],
+            "flagged": {"incorrect": 3, "no_answer": 0, "truncated": 2, "not_kept": 1},
+            "left_out": {"incorrect": 3},
+            "left_out_total": 3,
+        }
+    )
+    page = admin_client().get(f"/training/{new.pk}/").content.decode()
+    assert "per_sequence (release" in page and "recorded before" not in page
+    assert "3 incorrect answer (<strong>3 left out</strong>)" in page
+    assert "2 truncated at the token budget (kept in)" in page
+    assert "3 accepted traces left out in all" in page

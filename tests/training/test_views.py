@@ -223,3 +223,26 @@ def test_experts_cannot_read_evaluations():
         == 403
     )
     assert client.get(reverse("training:list")).status_code == 403
+
+
+def test_the_protocol_is_chosen_on_the_form_and_shown_on_the_pages(
+    tiny_model_path, broker_url, clean_queues
+):
+    dataset = make_dataset()
+    make_problem(dataset=dataset)
+    client = client_for("admin")
+    form = client.get(reverse("training:launch")).content.decode()
+    assert 'name="protocol"' in form and "eval/eval.py" in form
+    response = client.post(
+        reverse("training:launch"), launch_data(dataset, tiny_model_path, protocol="release")
+    )
+    assert response.status_code == 302, response.content.decode()[-2000:]
+    evaluation = Evaluation.objects.get()
+    assert evaluation.protocol == "release"
+    detail = client.get(reverse("training:detail", args=[evaluation.pk])).content.decode()
+    assert 'data-testid="protocol-setting"' in detail and "presence_penalty=1.5" in detail
+    plain = make_evaluation(problems=1, samples=2)
+    compare = client.get(
+        reverse("training:compare") + f"?ids={plain.pk}&ids={evaluation.pk}"
+    ).content.decode()
+    assert "Not comparable: the evaluations used different sampling protocols" in compare

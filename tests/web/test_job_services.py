@@ -151,6 +151,44 @@ def test_claim_ignores_superseded_and_finished_and_fails_redelivered():
     assert "worker process running this job" in redelivered.error
 
 
+def test_redelivered_copy_of_a_job_alive_on_this_node_is_dropped():
+    """A broker blip redelivers the message of a job whose pool process still runs it."""
+    import subprocess
+    import sys
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        job = make_job(JobState.RUNNING, task_id="t3", worker_hostname="w@h", worker_pid=alive.pid)
+        assert runner.job_claim(job_id=job.pk, task_id="t3", hostname="w@h") is None
+        job.refresh_from_db()
+        assert job.state == JobState.RUNNING and job.error == ""
+    finally:
+        alive.kill()
+        alive.wait()
+    # Once that process is gone, the next copy knows the job died with it.
+    assert runner.job_claim(job_id=job.pk, task_id="t3", hostname="w@h") is None
+    job.refresh_from_db()
+    assert job.state == JobState.FAILED and "died" in job.error
+
+
+def test_redelivered_copy_on_another_node_trusts_the_heartbeat(settings):
+    now = timezone.now()
+    beating = make_job(
+        JobState.RUNNING, task_id="t4", worker_hostname="gpu@a", worker_pid=1, heartbeat_at=now
+    )
+    assert runner.job_claim(job_id=beating.pk, task_id="t4", hostname="gpu@b") is None
+    assert Job.objects.get(pk=beating.pk).state == JobState.RUNNING
+    silent = make_job(
+        JobState.RUNNING,
+        task_id="t5",
+        worker_hostname="gpu@a",
+        worker_pid=1,
+        heartbeat_at=now - timedelta(seconds=settings.JOB_STALE_SECONDS + 1),
+    )
+    assert runner.job_claim(job_id=silent.pk, task_id="t5", hostname="gpu@b") is None
+    assert Job.objects.get(pk=silent.pk).state == JobState.FAILED
+
+
 def test_claim_of_a_missing_job_gives_up(monkeypatch):
     monkeypatch.setattr(runner, "CLAIM_WAIT_SECONDS", 0.3)
     assert runner.job_claim(job_id=999_999, task_id="x", hostname="w@h") is None
@@ -237,3 +275,78 @@ def test_log_tail_is_bounded(settings):
     job.refresh_from_db()
     assert len(job.log) <= 500
     assert "line 099" in job.log and "line 000" not in job.log
+
+
+class DatabaseOutage:
+    """While armed, the next `left` UPDATE queries on jobs fail as a restarted database's do."""
+
+    left = 0
+
+    @classmethod
+    def install(cls, monkeypatch) -> None:
+        from django.db import OperationalError
+        from django.db.models.query import QuerySet
+
+        original = QuerySet.update
+
+        def update(queryset, **fields):
+            if queryset.model is Job and cls.left > 0:
+                cls.left -= 1
+                raise OperationalError("server closed the connection unexpectedly")
+            return original(queryset, **fields)
+
+        monkeypatch.setattr(QuerySet, "update", update)
+        monkeypatch.setattr(cls, "left", 0)
+
+
+def _progress_through_outage(ctx):
+    DatabaseOutage.left = 3  # the database goes away now, for three writes
+    for step in range(1, 6):
+        ctx.progress(step, 5, force=True)
+    return {"steps": 5}
+
+
+def _handler_write_fails(ctx):
+    from django.db import OperationalError
+
+    DatabaseOutage.left = 2  # the failure's log line and a first try at finishing fail too
+    raise OperationalError("terminating connection due to administrator command")
+
+
+_register("test_progress_outage", _progress_through_outage)
+_register("test_write_fails", _handler_write_fails)
+
+
+@pytest.mark.django_db(transaction=True)  # the runner closes and reopens the connection
+def test_a_database_outage_during_progress_reports_does_not_fail_the_job(monkeypatch):
+    DatabaseOutage.install(monkeypatch)
+    job = make_job(JobState.QUEUED, kind="test_progress_outage", task_id="inline-outage")
+    runner.job_execute(job_id=job.pk, task_id=job.task_id, hostname="inline@test")
+    job.refresh_from_db()
+    assert DatabaseOutage.left == 0  # the outage happened
+    assert job.state == JobState.SUCCEEDED, job.error
+    assert job.progress_done == 5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_handler_whose_write_fails_ends_failed_with_the_reason(monkeypatch):
+    DatabaseOutage.install(monkeypatch)
+    monkeypatch.setattr(runner.time, "sleep", lambda seconds: None)
+    job = make_job(JobState.QUEUED, kind="test_write_fails", task_id="inline-write-fails")
+    runner.job_execute(job_id=job.pk, task_id=job.task_id, hostname="inline@test")
+    job.refresh_from_db()
+    assert DatabaseOutage.left == 0
+    assert job.state == JobState.FAILED
+    assert "database was unreachable" in job.error and "retry the job" in job.error
+
+
+def test_a_read_only_or_full_disk_names_the_path():
+    import errno
+
+    message = runner.failure_message(
+        PermissionError(errno.EACCES, "Permission denied", "/data/artifacts/run-1/adapter")
+    )
+    assert "Cannot write /data/artifacts/run-1/adapter: Permission denied" in message
+    full = runner.failure_message(OSError(errno.ENOSPC, "No space left on device", "/x/ckpt"))
+    assert "/x/ckpt" in full and "disk is full" in full
+    assert runner.failure_message(ValueError("plain")) == "plain"

@@ -19,6 +19,7 @@ from tests.training.training_factories import make_training_run
 PUBLIC = {
     "login": "the login page itself",
     "logout": "logging out needs no role",
+    "favicon": "the site icon, which browsers fetch before anyone logs in",
 }
 # Namespaces handled by their own access control.
 SELF_GUARDED_NAMESPACES = {"admin"}  # Django admin: staff only (tested below)
@@ -34,6 +35,16 @@ URL_KWARGS = {
     "curation:edit": lambda user: {"problem_id": make_problem(author=user).pk},
     "curation:details": lambda user: {"problem_id": make_problem(author=user).pk},
     "curation:versions": lambda user: {"problem_id": make_problem(author=user).pk},
+    # Import jobs are shown to the person who started them (and admins).
+    "curation:import_job": lambda user: {
+        "job_id": make_job(kind="problem_import", launched_by=user).pk
+    },
+    "curation:import_job_cancel": lambda user: {
+        "job_id": make_job(kind="problem_import", launched_by=user).pk
+    },
+    "curation:import_job_retry": lambda user: {
+        "job_id": make_job(kind="problem_import", state="failed", launched_by=user).pk
+    },
     "expansion:run_detail": lambda user: {"run_id": make_run(problems=1, samples=1).pk},
     "expansion:run_cancel": lambda user: {"run_id": make_run(problems=1, samples=1).pk},
     "expansion:run_retry": lambda user: {"run_id": make_run(problems=1, samples=1).pk},

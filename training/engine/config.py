@@ -12,14 +12,22 @@ Departures from the paper and release:
 - The learning-rate schedule after warm-up is not stated in DAIL_METHOD.md; `lr_scheduler`
   defaults to "linear" (transformers' default) and is a setting.
 - `shortcut_policy` (what reviewer-marked shortcut spans do to the loss) is ours: the paper has
-  no reviewer.
+  no reviewer. Its default, "drop_position", leaves marked positions out of the loss; the older
+  default "drop_pull" kept only `-gamma * KL(learner || NR)` there, which alone is minimised by
+  moving mass to whatever token NR finds least likely (an unbounded push toward junk).
 - `overlong_policy` is ours: the release truncates at `max_length`; "skip" is offered too.
 - `reference_cache` and `fuse_reference_forwards` are ours (speed; the values are unchanged).
+- `loss_normalisation` defaults to the release's "per_sequence" (see `objective.py`);
+  "per_token" weighs long traces more and was this product's only behaviour before.
+
+Settings stored before a field existed load with `LEGACY_DEFAULTS` (what those runs did), not
+with today's default: a run launched before `loss_normalisation` existed trained per token.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,6 +35,7 @@ Objective = Literal["dail", "nll"]
 KlDirection = Literal["reverse", "forward"]
 OverlongPolicy = Literal["truncate", "skip"]
 ShortcutPolicy = Literal["drop_pull", "drop_position", "keep"]
+LossNormalisation = Literal["per_sequence", "per_token"]
 Precision = Literal["auto", "bf16", "fp32"]
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -40,6 +49,9 @@ LORA_TARGETS: tuple[str, ...] = (
     "down_proj",
 )
 
+# What a stored config that lacks a field did at the time (see the module docstring).
+LEGACY_DEFAULTS: dict[str, Any] = {"loss_normalisation": "per_token"}
+
 # The release's per-kind values (DAIL_METHOD.md, "Release hyperparameters").
 MODEL_KIND_PRESETS: dict[str, dict[str, int]] = {
     "reasoning": {"epochs": 3, "max_length": 2048},
@@ -50,6 +62,30 @@ MODEL_KIND_PRESETS: dict[str, dict[str, int]] = {
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+# The trainer seeds numpy (`transformers.set_seed`), which takes 32-bit seeds; the signed
+# 32-bit range keeps every library that gets the seed in range.
+SEED_MAX = 2**31 - 1
+
+
+def _check_types(config: object) -> None:
+    """Refuse values of the wrong type by the field's annotation: settings also arrive as JSON
+    (`--config`), where "7", 7.5 or true must not pass for a whole number."""
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        value = getattr(config, f.name)
+        kind = str(f.type).replace(" ", "")
+        if kind in ("int", "int|None"):
+            ok = (value is None and kind == "int|None") or (
+                isinstance(value, int) and not isinstance(value, bool)
+            )
+            if not ok:
+                raise ValueError(f"{f.name} must be a whole number; got {value!r}")
+        elif kind == "float":
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ValueError(f"{f.name} must be a number; got {value!r}")
+        elif kind == "bool" and not isinstance(value, bool):
+            raise ValueError(f"{f.name} must be true or false; got {value!r}")
 
 
 def _at_least(name: str, value: float, low: float) -> None:
@@ -81,11 +117,21 @@ class DailTrainingConfig:
         },
     )
     shortcut_policy: ShortcutPolicy = field(
-        default="drop_pull",
+        default="drop_position",
         metadata={
-            "help": "Reviewer-marked shortcut tokens: 'drop_pull' leaves them out of the pull "
-            "toward PS (NLL: out of the loss) but keeps the push away from NR; "
-            "'drop_position' leaves them out of the loss entirely; 'keep' ignores the marks."
+            "help": "Reviewer-marked shortcut tokens: 'drop_position' (default) leaves them out "
+            "of the loss entirely; 'drop_pull' leaves them out of the pull toward PS but keeps "
+            "the push away from NR, which alone drives mass toward NR's least likely token "
+            "(NLL: out of the loss); 'keep' ignores the marks."
+        },
+    )
+    loss_normalisation: LossNormalisation = field(
+        default="per_sequence",
+        metadata={
+            "help": "'per_sequence' (release): mean over each trace's response positions, then "
+            "mean over the traces of the accumulated batch, so every trace weighs the same; "
+            "'per_token': mean over all response tokens of the accumulated batch, so long "
+            "traces weigh more."
         },
     )
     lora_r: int = field(default=32, metadata={"help": "LoRA rank."})
@@ -158,9 +204,13 @@ class DailTrainingConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_types(self)
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be in [0, {SEED_MAX}]; got {self.seed!r}")
         _choice("objective", self.objective, ("dail", "nll"))
         _choice("kl_direction", self.kl_direction, ("reverse", "forward"))
         _choice("shortcut_policy", self.shortcut_policy, ("drop_pull", "drop_position", "keep"))
+        _choice("loss_normalisation", self.loss_normalisation, ("per_sequence", "per_token"))
         _choice("overlong_policy", self.overlong_policy, ("truncate", "skip"))
         _choice("precision", self.precision, ("auto", "bf16", "fp32"))
         _choice("device", self.device, ("auto", "cpu", "cuda"))
@@ -194,6 +244,27 @@ class DailTrainingConfig:
     def gradient_accumulation_steps(self) -> int:
         return self.effective_batch_size // self.micro_batch_size
 
+    def planned_steps(self, examples: int) -> int:
+        """Optimizer steps transformers' Trainer takes on `examples` traces: per epoch,
+        ceil(ceil(examples / micro_batch_size) / gradient_accumulation_steps), times epochs."""
+        batches = math.ceil(examples / self.micro_batch_size)
+        return math.ceil(batches / self.gradient_accumulation_steps) * self.epochs
+
+    def check_warmup(self, planned_steps: int) -> None:
+        """Refuse a warm-up that is not shorter than the planned steps (`ValueError` naming
+        `warmup_steps`). The rule: warmup_steps == 0 or warmup_steps < planned_steps.
+
+        Why: transformers' warm-up schedules give the learning rate lr * s / warmup_steps at
+        optimizer step s = 0, 1, ... (0 at the first step), and reach the full rate only at
+        step s = warmup_steps. With warmup_steps >= planned steps a one-step run trains at
+        learning rate 0 (an adapter that never moved), and a longer one never leaves warm-up."""
+        if self.warmup_steps and self.warmup_steps >= planned_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be shorter than the "
+                f"{planned_steps} planned optimizer step(s), or 0: the first step of a warm-up "
+                "runs at learning rate 0, so this run would train little or nothing"
+            )
+
     @classmethod
     def for_model_kind(cls, kind: str, **overrides: Any) -> DailTrainingConfig:
         """The release preset for a 'reasoning' or 'instruct' model, with `overrides` applied."""
@@ -208,9 +279,10 @@ class DailTrainingConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DailTrainingConfig:
-        """Inverse of `to_dict`; unknown keys are refused so a typo is not silently ignored."""
+        """Inverse of `to_dict`; unknown keys are refused so a typo is not silently ignored.
+        A missing key in `LEGACY_DEFAULTS` gets the value runs stored before it existed used."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown training settings: {', '.join(unknown)}")
-        return cls(**values)
+        return cls(**{**LEGACY_DEFAULTS, **values})

@@ -14,6 +14,15 @@ verdicts into pass@k and pass@k-against-token-budget metrics.
   request per sample, seeded from (batch seed, sample index), so a sample does not depend on
   which others share its batch. The two backends draw different random numbers: the same
   seed gives different samples on each (the same distribution).
+- **Protocols** (`EVALUATION_PROTOCOLS`, recorded with each evaluation): `workbench` samples
+  with temperature and top-p only; `release` follows the release's `eval/eval.py`: presence
+  penalty 1.5 (on transformers `PresencePenaltyProcessor`, vLLM's definition: minus 1.5 on the
+  logits of every token already in the completion, before temperature and top-p), the first
+  pass stops at `</think>` (finish reason `stop`; the stop string is not part of the text), and
+  every sample without a `\\boxed{` gets a second, force-answer pass: the assistant turn
+  continued with its text and "\\n The final answer (in \\boxed{}):" for 100 more tokens
+  (seeded per sample; same temperature, top-p and penalty). Its tokens are counted in the
+  sample's tokens (`forced_tokens` says how many); token budgets cap the first pass only.
 - **Token counts.** A sample's tokens are the ones it generated before its end-of-sequence
   token (EOS itself not counted); a sample that never emitted EOS used all `max_new_tokens`
   and finished by `length`.
@@ -23,12 +32,11 @@ verdicts into pass@k and pass@k-against-token-budget metrics.
   (sampling of token t does not depend on the limit), but is stricter in one respect: a sample
   that wrote a correct box before B and then kept talking past B counts as unsolved at B (it
   did not finish within the budget), whereas a truncated generation's last box could be read.
-- **Answers** (`judge_answer`): the last `\\boxed{}` (`expansion.engine.answers`), checked by
-  math-verify and by a normalised string match against every alternative of the expected
-  answer. CHAMP-style answers are free-form: `C(10, 5), or equivalently 252` gives two
-  alternatives (`C(a, b)` is also read as `\\binom{a}{b}`), and a yes/no answer matches a box
-  that starts with the same word (`No, it is not possible`). Samples where math-verify and the
-  string match disagree are flagged for a person; metrics take a person's ruling when given.
+- **Answers**: `judge_completion`, the project's one answer checker, lives in
+  `expansion.engine.answers` (expansion grades its traces with it too): the last `\\boxed{}`,
+  math-verify and a normalised string match against every alternative of the expected answer
+  (CHAMP's `A, or equivalently B`, yes/no prose). Samples where the two checks disagree are
+  flagged for a person; metrics take a person's ruling when given.
 - **Metrics** (`evaluation_metrics`): unbiased pass@k per problem and overall with bootstrap
   intervals (`training.engine.metrics`), the same at every budget, and mean tokens used.
 
@@ -41,9 +49,9 @@ This module knows nothing about Django or the database: problems are keys and st
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,9 +60,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from expansion.engine.answers import check_answer, last_boxed_answer
 from expansion.engine.backend_vllm import vllm_unavailable_reason
 from expansion.engine.prompts import LEARNER_TEMPLATE, PromptTemplates, chat_prompt_text
+from expansion.engine.rollout import SEED_MAX, is_plain_int
 from training.engine.metrics import PassAtKReport, pass_at_k_report
 
 EVALUATION_TEMPLATE = LEARNER_TEMPLATE + "Put your final answer within \\boxed{}.\n"
@@ -66,6 +74,13 @@ MAX_NEW_TOKENS = 32768
 
 class EvaluationError(ValueError):
     """Settings or inputs that an evaluation cannot use (the message says why)."""
+
+
+def check_seed(name: str, seed: object) -> None:
+    """Refuse a seed that is not a whole number in [0, SEED_MAX] (the expansion engine's
+    bound: seeds are stored in signed 64-bit columns)."""
+    if not is_plain_int(seed) or not 0 <= seed <= SEED_MAX:
+        raise EvaluationError(f"{name} must be a whole number in [0, {SEED_MAX}]; got {seed!r}")
 
 
 class BackendUnavailableError(EvaluationError):
@@ -80,6 +95,44 @@ class AdapterError(EvaluationError):
 
 
 @dataclass(frozen=True)
+class EvaluationProtocol:
+    """How samples are drawn beyond temperature and top-p: a named protocol, so numbers can
+    be compared with the paper's (`release`) or with earlier workbench evaluations."""
+
+    name: str
+    label: str
+    source: str
+    presence_penalty: float = 0.0  # subtracted from the logits of tokens already generated
+    stop_strings: tuple[str, ...] = ()  # the first pass ends at any of these (not kept)
+    force_answer: bool = False  # a second pass for samples without `\\boxed{`
+    force_answer_prompt: str = "\n The final answer (in \\boxed{}):"
+    force_answer_tokens: int = 100
+
+
+EVALUATION_PROTOCOLS: dict[str, EvaluationProtocol] = {
+    protocol.name: protocol
+    for protocol in (
+        EvaluationProtocol(
+            "workbench",
+            "workbench: plain sampling",
+            "Ours: temperature and top-p only, until EOS or the largest budget.",
+        ),
+        EvaluationProtocol(
+            "release",
+            "release: presence penalty 1.5, stop at </think>, force an answer",
+            "The release's eval/eval.py: presence_penalty=1.5, stop at </think>, then a second "
+            "pass for samples without a \\boxed{ that continues the assistant turn with "
+            "'\\n The final answer (in \\\\boxed{}):' for 100 more tokens.",
+            presence_penalty=1.5,
+            stop_strings=("</think>",),
+            force_answer=True,
+        ),
+    )
+}
+DEFAULT_PROTOCOL = "workbench"
+
+
+@dataclass(frozen=True)
 class SamplingSettings:
     """How completions are drawn; validated on creation."""
 
@@ -89,8 +142,18 @@ class SamplingSettings:
     top_p: float = 0.95
     seed: int = 0
     batch_size: int = 8
+    protocol: str = DEFAULT_PROTOCOL  # a key of EVALUATION_PROTOCOLS
+
+    @property
+    def protocol_spec(self) -> EvaluationProtocol:
+        return EVALUATION_PROTOCOLS[self.protocol]
 
     def __post_init__(self) -> None:
+        if self.protocol not in EVALUATION_PROTOCOLS:
+            raise EvaluationError(
+                f"unknown protocol {self.protocol!r}; choose one of "
+                f"{', '.join(EVALUATION_PROTOCOLS)}"
+            )
         if not 1 <= self.samples <= MAX_SAMPLES:
             raise EvaluationError(
                 f"samples per problem must be 1..{MAX_SAMPLES}; got {self.samples}"
@@ -105,8 +168,7 @@ class SamplingSettings:
             raise EvaluationError(f"top_p must be in (0, 1]; got {self.top_p}")
         if not 1 <= self.batch_size <= 1024:
             raise EvaluationError(f"batch_size must be 1..1024; got {self.batch_size}")
-        if self.seed < 0:
-            raise EvaluationError(f"seed must be >= 0; got {self.seed}")
+        check_seed("seed", self.seed)
 
 
 def validate_ks(ks: Sequence[int], samples: int) -> list[int]:
@@ -161,6 +223,7 @@ class Completion:
     token_count: int  # generated tokens before EOS (EOS not counted)
     finish_reason: str  # "eos" or "length"
     token_ids: tuple[int, ...] = ()  # the counted tokens
+    forced_tokens: int = 0  # of token_count: generated by the force-answer pass
 
 
 def sample_batches(samples: int, batch_size: int) -> list[range]:
@@ -208,6 +271,155 @@ class _StepCallback:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+class PresencePenaltyProcessor:
+    """vLLM's `presence_penalty` as a transformers logits processor: subtract `penalty` from
+    the logits of every token that already occurs in the completion (generated tokens only,
+    not the prompt), once however often it occurs. transformers applies custom processors
+    before temperature and top-p, as vLLM applies its penalties before them."""
+
+    def __init__(self, penalty: float, prompt_length: int) -> None:
+        self.penalty = float(penalty)
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[:, self.prompt_length :]  # (B, t)
+        if self.penalty == 0 or generated.shape[1] == 0:
+            return scores
+        present = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)  # (B, V)
+        present.scatter_(1, generated.to(scores.device), True)
+        return scores - self.penalty * present.to(scores.dtype)
+
+
+def _cut_at_stop(
+    tokenizer: Any, ids: list[int], stop_strings: Sequence[str]
+) -> tuple[list[int], str] | None:
+    """(ids up to the token that completes the first stop string, the text before it), or
+    None when no stop string occurs. The stop string itself is not part of the text (as in
+    vLLM); it may be an ordinary string or a special token (hence the raw decoding)."""
+
+    def stops(length: int) -> bool:
+        prefix = tokenizer.decode(ids[:length], skip_special_tokens=False)
+        return any(stop in prefix for stop in stop_strings)
+
+    if not ids or not stops(len(ids)):
+        return None
+    low, high = 1, len(ids)  # the shortest prefix that contains a stop string
+    while low < high:
+        middle = (low + high) // 2
+        if stops(middle):
+            high = middle
+        else:
+            low = middle + 1
+    text = tokenizer.decode(ids[:low], skip_special_tokens=True)
+    hits = [text.find(stop) for stop in stop_strings if stop in text]
+    return ids[:low], text[: min(hits)] if hits else text
+
+
+def _completion(
+    tokenizer: Any, index: int, ids: Sequence[int], ended: bool, protocol: EvaluationProtocol
+) -> Completion:
+    """A first-pass completion from its generated ids (EOS already removed)."""
+    ids = [int(i) for i in ids]
+    cut = _cut_at_stop(tokenizer, ids, protocol.stop_strings) if protocol.stop_strings else None
+    if cut is not None:
+        ids, text = cut
+        finish = "stop"
+    else:
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        finish = "eos" if ended else "length"
+    return Completion(
+        sample_index=int(index),
+        text=text,
+        token_count=len(ids),
+        finish_reason=finish,
+        token_ids=tuple(ids),
+    )
+
+
+def needs_forced_answer(completion: Completion, protocol: EvaluationProtocol) -> bool:
+    """The release forces an answer from samples whose text has no `\\boxed{`."""
+    return protocol.force_answer and "\\boxed{" not in completion.text
+
+
+def force_answer_prompt_ids(
+    tokenizer: Any, prompt_ids: Sequence[int], completion: Completion, protocol: EvaluationProtocol
+) -> list[int]:
+    """The prompt of the force-answer pass: the assistant turn continued with the sample's
+    text (without a stop string, as the release's text) and the force-answer prompt."""
+    tail = completion.text + protocol.force_answer_prompt
+    return list(prompt_ids) + list(tokenizer(tail, add_special_tokens=False)["input_ids"])
+
+
+def _with_forced_answer(
+    tokenizer: Any, completion: Completion, forced_ids: Sequence[int], protocol: EvaluationProtocol
+) -> Completion:
+    forced = [int(i) for i in forced_ids]
+    return dataclasses.replace(
+        completion,
+        text=completion.text
+        + protocol.force_answer_prompt
+        + tokenizer.decode(forced, skip_special_tokens=True),
+        token_count=completion.token_count + len(forced),
+        token_ids=completion.token_ids + tuple(forced),
+        forced_tokens=len(forced),
+    )
+
+
+def force_answer_seed(seed: int, sample_index: int) -> int:
+    """The seed of one sample's force-answer pass (both backends)."""
+    return batch_seed(seed, "force-answer", sample_index) & ((1 << 31) - 1)
+
+
+def _generate_rows(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[int],
+    rows: int,
+    *,
+    settings: SamplingSettings,
+    max_new_tokens: int,
+    stop_strings: Sequence[str] = (),
+    on_step: Callable[[int], None] | None = None,
+) -> list[tuple[list[int], bool]]:
+    """`rows` samples of one prompt with `model.generate`: (ids before EOS, ended by EOS)."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    input_ids = torch.tensor([list(prompt_ids)] * rows, dtype=torch.long, device=device)  # (B, P)
+    criteria = StoppingCriteriaList([_StepCallback(input_ids.shape[1], on_step)] if on_step else [])
+    penalty = settings.protocol_spec.presence_penalty
+    processors = LogitsProcessorList(
+        [PresencePenaltyProcessor(penalty, input_ids.shape[1])] if penalty else []
+    )
+    extra: dict[str, Any] = (
+        {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
+    )
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        do_sample=True,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=0,  # no top-k cut: only temperature and top_p, as configured
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        stopping_criteria=criteria,
+        logits_processor=processors,
+        **extra,
+    )
+    generated = output[:, input_ids.shape[1] :].cpu()  # (B, T)
+    is_eos = torch.isin(generated, torch.tensor(eos))  # (B, T)
+    result = []
+    for row in range(rows):
+        hits = torch.nonzero(is_eos[row]).flatten()
+        count = int(hits[0]) if hits.numel() else generated.shape[1]
+        result.append((generated[row, :count].tolist(), bool(hits.numel())))
+    return result
+
+
 @torch.no_grad()
 def generate_completions_transformers(
     model: Any,
@@ -219,49 +431,70 @@ def generate_completions_transformers(
     seed: int,
     on_step: Callable[[int], None] | None = None,
 ) -> list[Completion]:
-    """One batch: `len(sample_indices)` completions of one prompt with `model.generate`."""
-    from transformers import StoppingCriteriaList
-
-    device = next(model.parameters()).device
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    batch = len(sample_indices)
-    input_ids = torch.tensor([list(prompt_ids)] * batch, dtype=torch.long, device=device)  # (B, P)
-    criteria = StoppingCriteriaList([_StepCallback(input_ids.shape[1], on_step)] if on_step else [])
+    """One batch: `len(sample_indices)` completions of one prompt with `model.generate`, then
+    (release protocol) one force-answer pass per sample without a box, seeded per sample."""
+    protocol = settings.protocol_spec
     torch.manual_seed(seed)
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        do_sample=True,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        top_k=0,  # no top-k cut: only temperature and top_p, as configured
+    rows = _generate_rows(
+        model,
+        tokenizer,
+        prompt_ids,
+        len(sample_indices),
+        settings=settings,
         max_new_tokens=settings.max_new_tokens,
-        eos_token_id=eos,
-        pad_token_id=pad,
-        stopping_criteria=criteria,
+        stop_strings=protocol.stop_strings,
+        on_step=on_step,
     )
-    generated = output[:, input_ids.shape[1] :].cpu()  # (B, T)
-    is_eos = torch.isin(generated, torch.tensor(eos))  # (B, T)
-    completions = []
-    for row, index in enumerate(sample_indices):
-        hits = torch.nonzero(is_eos[row]).flatten()
-        count = int(hits[0]) if hits.numel() else generated.shape[1]
-        completions.append(
-            Completion(
-                sample_index=int(index),
-                text=tokenizer.decode(generated[row, :count], skip_special_tokens=True),
-                token_count=count,
-                finish_reason="eos" if hits.numel() else "length",
-                token_ids=tuple(generated[row, :count].tolist()),
-            )
+    completions = [
+        _completion(tokenizer, index, ids, ended, protocol)
+        for index, (ids, ended) in zip(sample_indices, rows, strict=True)
+    ]
+    for position, completion in enumerate(completions):
+        if not needs_forced_answer(completion, protocol):
+            continue
+        torch.manual_seed(force_answer_seed(seed, completion.sample_index))
+        ((forced, _ended),) = _generate_rows(
+            model,
+            tokenizer,
+            force_answer_prompt_ids(tokenizer, prompt_ids, completion, protocol),
+            1,
+            settings=settings,
+            max_new_tokens=protocol.force_answer_tokens,
         )
+        completions[position] = _with_forced_answer(tokenizer, completion, forced, protocol)
     return completions
 
 
 def sample_seed(batch_seed_value: int, sample_index: int) -> int:
     """The vLLM seed of one sample of a batch (see the module docstring)."""
     return batch_seed(batch_seed_value, "sample", sample_index) & ((1 << 31) - 1)
+
+
+def vllm_sampling_kwargs(
+    settings: SamplingSettings,
+    *,
+    seed: int,
+    max_tokens: int,
+    stop_token_ids: Sequence[int],
+    first_pass: bool = True,
+) -> dict[str, Any]:
+    """The `vllm.SamplingParams` arguments of one sample under the evaluation's protocol (stop
+    strings only on the first pass; they need detokenisation)."""
+    protocol = settings.protocol_spec
+    stop = list(protocol.stop_strings) if first_pass else []
+    kwargs: dict[str, Any] = {
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "stop_token_ids": sorted(stop_token_ids),
+        "detokenize": bool(stop),
+    }
+    if protocol.presence_penalty:
+        kwargs["presence_penalty"] = protocol.presence_penalty
+    if stop:
+        kwargs["stop"] = stop
+    return kwargs
 
 
 def generate_completions_vllm(
@@ -274,42 +507,65 @@ def generate_completions_vllm(
     seed: int,
 ) -> list[Completion]:
     """One batch on vLLM: `sampler` is a `backend_vllm.VllmBackend`, whose adapter (if set)
-    samples as the learner. The whole batch is one `generate` call."""
+    samples as the learner. The whole batch is one `generate` call (and the force-answer
+    passes of the release protocol one more)."""
     from vllm import SamplingParams, TokensPrompt
 
+    protocol = settings.protocol_spec
     eos = set(sampler.default_eos_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))
     if not eos:
         raise EvaluationError("the model and tokenizer name no end-of-sequence token")
+
+    def ids_of(output: Any) -> tuple[list[int], bool]:
+        ids = list(output.outputs[0].token_ids)
+        ended = bool(ids) and ids[-1] in eos
+        return (ids[:-1] if ended else ids), ended  # EOS itself is not counted
+
     params = [
         SamplingParams(
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            max_tokens=settings.max_new_tokens,
-            seed=sample_seed(seed, int(index)),
-            stop_token_ids=sorted(eos),
-            detokenize=False,
+            **vllm_sampling_kwargs(
+                settings,
+                seed=sample_seed(seed, int(index)),
+                max_tokens=settings.max_new_tokens,
+                stop_token_ids=eos,
+            )
         )
         for index in sample_indices
     ]
     prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
     outputs = sampler.generate([prompt] * len(params), params, ["learner"] * len(params))
-    completions = []
-    for index, output in zip(sample_indices, outputs, strict=True):
-        ids = list(output.outputs[0].token_ids)
-        ended = bool(ids) and ids[-1] in eos
-        if ended:
-            ids = ids[:-1]  # EOS itself is not counted (as with transformers)
-        completions.append(
-            Completion(
-                sample_index=int(index),
-                text=tokenizer.decode(ids, skip_special_tokens=True),
-                token_count=len(ids),
-                finish_reason="eos" if ended else "length",
-                token_ids=tuple(ids),
+    completions = [
+        _completion(tokenizer, index, *ids_of(output), protocol)
+        for index, output in zip(sample_indices, outputs, strict=True)
+    ]
+    forced = [c for c in completions if needs_forced_answer(c, protocol)]
+    if forced:
+        prompts = [
+            TokensPrompt(
+                prompt_token_ids=force_answer_prompt_ids(tokenizer, prompt_ids, c, protocol)
             )
-        )
+            for c in forced
+        ]
+        forced_params = [
+            SamplingParams(
+                **vllm_sampling_kwargs(
+                    settings,
+                    seed=force_answer_seed(seed, c.sample_index),
+                    max_tokens=protocol.force_answer_tokens,
+                    stop_token_ids=eos,
+                    first_pass=False,
+                )
+            )
+            for c in forced
+        ]
+        answers = sampler.generate(prompts, forced_params, ["learner"] * len(forced))
+        by_index = {
+            c.sample_index: _with_forced_answer(tokenizer, c, ids_of(output)[0], protocol)
+            for c, output in zip(forced, answers, strict=True)
+        }
+        completions = [by_index.get(c.sample_index, c) for c in completions]
     return completions
 
 
@@ -345,84 +601,20 @@ def generate_completions(
     )
 
 
-# --- Answers ---------------------------------------------------------------------------------
-
-_EQUIVALENTLY = re.compile(r"\s*,?\s*(?:or\s+)?(?:equivalently|i\.e\.)\s*,?\s*", re.IGNORECASE)
-_BINOMIAL = re.compile(r"\bC\(\s*([\w+\-*/^ ]+?)\s*,\s*([\w+\-*/^ ]+?)\s*\)")
-_YES_NO = re.compile(r"^(yes|no)\b", re.IGNORECASE)
-
-
-def answer_alternatives(answer: str) -> list[str]:
-    """The forms an answer may take: CHAMP's `A, or equivalently B` gives A and B, and each
-    `C(a, b)` also reads as `\\binom{a}{b}`."""
-    parts = [p.strip().strip("$").strip() for p in _EQUIVALENTLY.split(answer) if p.strip()]
-    forms: list[str] = []
-    for part in parts or [answer.strip()]:
-        forms.append(part)
-        binomial = _BINOMIAL.sub(r"\\binom{\1}{\2}", part)
-        if binomial != part:
-            forms.append(binomial)
-    return list(dict.fromkeys(forms))
-
-
-_TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf)\{([^{}]*)\}")
-
-
-def _yes_no(answer: str) -> str | None:
-    """'yes' or 'no' when the answer starts with that word (`\\text{No}, never` -> 'no')."""
-    plain = _TEXT_COMMAND.sub(r"\1", answer).strip().strip("$").strip().lower()
-    match = _YES_NO.match(plain)
-    return match.group(1) if match else None
-
-
-@dataclass(frozen=True)
-class AnswerVerdict:
-    predicted: str | None  # the last boxed answer, None when there is none
-    math_verify: bool | None  # None: math-verify could read no alternative
-    string_match: bool  # normalised string (or yes/no) match with some alternative
-    correct: bool  # either checker says so
-    disagreement: bool  # the two checkers disagree: a person should look
-
-
-def judge_answer(predicted: str | None, expected: str) -> AnswerVerdict:
-    """Compare a predicted final answer with every alternative of the expected one."""
-    if predicted is None or not predicted.strip():
-        return AnswerVerdict(predicted, None, False, False, False)
-    expected_forms = answer_alternatives(expected)
-    predicted_forms = answer_alternatives(predicted)
-    symbolic: bool | None = None
-    string_match = False
-    for guess in predicted_forms:
-        for gold in expected_forms:
-            check = check_answer(guess, gold)
-            string_match = string_match or check.string_match
-            if check.math_verify is not None:
-                symbolic = bool(symbolic) or check.math_verify
-    expected_word = _yes_no(expected_forms[0]) if len(expected_forms) == 1 else None
-    if expected_word is not None and _yes_no(predicted) == expected_word:
-        string_match = True
-    correct = string_match or bool(symbolic)
-    disagreement = symbolic is not None and symbolic != string_match
-    return AnswerVerdict(predicted, symbolic, string_match, correct, disagreement)
-
-
-def judge_completion(text: str, expected: str) -> AnswerVerdict:
-    """Judge the last `\\boxed{}` answer of a completion."""
-    return judge_answer(last_boxed_answer(text), expected)
-
-
 # --- Metrics ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class SampleOutcome:
     correct: bool  # after a person's ruling, when there is one
-    tokens: int
+    tokens: int  # every generated token, the force-answer pass's included
+    forced_tokens: int = 0  # of `tokens`: the force-answer pass (release protocol)
 
 
 def correct_within_budget(outcome: SampleOutcome, budget: int) -> bool:
-    """Counted at budget B: correct and used at most B tokens (see the module docstring)."""
-    return outcome.correct and outcome.tokens <= budget
+    """Counted at budget B: correct and used at most B tokens (see the module docstring). The
+    budget caps the first pass; the release's force-answer pass comes on top of it."""
+    return outcome.correct and outcome.tokens - outcome.forced_tokens <= budget
 
 
 @dataclass(frozen=True)
@@ -620,5 +812,6 @@ def in_held_out_split(problem_key: str, fraction: float, seed: int) -> bool:
     A hash of (seed, key), so a problem's side never changes when others are added."""
     if not 0 < fraction < 1:
         raise EvaluationError(f"the held-out fraction must be in (0, 1); got {fraction}")
+    check_seed("the split seed", seed)
     digest = hashlib.blake2b(f"{seed}\x1fsplit\x1f{problem_key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < fraction

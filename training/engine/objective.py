@@ -6,6 +6,17 @@
 over the response positions t, with the full vocabulary at every position. `nll_loss` is the
 plain SFT baseline on the same response tokens.
 
+How the mean is taken (`normalisation`):
+- "per_sequence" (the release, the config's default): the mean over each sequence's response
+  positions, then the mean over the sequences of the whole accumulated batch. The release trains
+  with batch size 1 per device, `F.kl_div(..., reduction="batchmean")` over that sequence's
+  positions, and transformers' gradient accumulation divides each micro-batch's loss by the
+  number of accumulation steps: a mean over sequences. Every trace weighs the same.
+- "per_token": the sum over all response positions of the accumulated batch divided by their
+  number, so a long trace weighs more than a short one.
+Under gradient accumulation the caller passes `normaliser` = `loss_items(...)` of the whole
+accumulated batch (tokens, or sequences), so micro-batching never changes the loss.
+
 Every function takes logits that are already aligned: `(B, T, V)` tensors whose row `t` is the
 distribution over response token `t` in each view. This module knows nothing about models,
 prompts, tokenizers or padding layouts (the collator and the trainer line the views up), and
@@ -19,11 +30,13 @@ which the tests check against a direct float64 computation of the formula.
 
 Departures from the paper:
 - `pull_mask` (reviewer-marked shortcut tokens left out of the pull toward PS) is ours; the
-  paper has no reviewer. Positions outside `pull_mask` keep only the push term. For reverse KL
-  that term is bounded (KL(q||p_NR) <= -log min_v p_NR(v)); for forward KL it is not bounded
-  below, since -gamma * KL(M_NR || M_theta) falls without limit as the learner moves mass off a
-  token NR likes. The forward direction shares that property on every position where
-  gamma * p_NR(v) > p_PS(v); the release uses reverse KL.
+  paper has no reviewer. Positions outside `pull_mask` keep only the push term, which alone is
+  minimised by putting all mass on the token NR finds least likely (usually junk): for reverse
+  KL the push is bounded (KL(q||p_NR) <= -log min_v p_NR(v)) but its minimiser is that junk
+  token; for forward KL it is not bounded below at all. That is why `loss_masks`' default
+  policy is "drop_position" (marked positions leave the loss) and "drop_pull" is an option.
+  The forward direction is unbounded below on every position where gamma * p_NR(v) > p_PS(v);
+  the release uses reverse KL.
 - Gradients flow only into the learner logits: PS and NR are the frozen base model by
   definition, so their logits are treated as constants even if they carry a graph.
 """
@@ -37,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Direction = Literal["reverse", "forward"]
+Normalisation = Literal["per_sequence", "per_token"]
 
 # Elements of one (rows, V) float32 temporary in `dail_loss` (32 MiB); about six are alive at
 # once. Smaller chunks mean more kernel launches on a GPU (55 rows per chunk at V = 151,936).
@@ -75,10 +89,11 @@ def _zero_loss(logits: Tensor, metric_names: tuple[str, ...]) -> tuple[Tensor, d
 
 
 class _ContrastiveKL(torch.autograd.Function):
-    """Sum over masked positions of `pull * KL_a - gamma * KL_b`; gradient into the learner only.
+    """Per sequence, the sum over masked positions of `pull * KL_a - gamma * KL_b`; gradient
+    into the learner only.
 
-    forward returns (loss_sum, kl_privileged, kl_negative), the last two `(B, T)` and
-    non-differentiable. The gradient w.r.t. the learner logits z at one position, with
+    forward returns (sequence_sums, kl_privileged, kl_negative): `(B,)`, then two `(B, T)`
+    non-differentiable tensors. The gradient w.r.t. the learner logits z at one position, with
     q = softmax(z), p = p_PS, n = p_NR and w = pull weight, is
       reverse: q * (g - E_q[g]),  g = w * (log q - log p) - gamma * (log q - log n)
       forward: w * (q - p) - gamma * (q - n)
@@ -141,24 +156,59 @@ class _ContrastiveKL(torch.autograd.Function):
                 expected = torch.where(keep[:, 0], expected, 0.0)
             grad[rows] = chunk_grad
             kl_priv[rows], kl_neg[rows], per_position[rows] = kl_p, kl_n, expected
-        loss_sum = per_position.sum()
+        sequence_sums = per_position.view(batch, length).sum(1)  # (B,)
 
         ctx.save_for_backward(grad.view(batch, length, vocab))
         kl_priv = kl_priv.view(batch, length)  # (B, T)
         kl_neg = kl_neg.view(batch, length)  # (B, T)
         ctx.mark_non_differentiable(kl_priv, kl_neg)
-        return loss_sum, kl_priv, kl_neg
+        return sequence_sums, kl_priv, kl_neg
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
-        grad_loss: Tensor,
+        grad_sums: Tensor,
         _grad_kl_priv: Tensor | None,
         _grad_kl_neg: Tensor | None,
     ) -> tuple[Tensor | None, ...]:
         (grad,) = ctx.saved_tensors  # (B, T, V)
-        learner_grad = grad * grad_loss.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None, None
+        learner_grad = grad * grad_sums.to(grad.dtype)[:, None, None]  # (B, T, V)
         return learner_grad, None, None, None, None, None, None
+
+
+def loss_items(loss_mask: Tensor, normalisation: Normalisation = "per_token") -> int:
+    """What a batch counts toward the normaliser: its response positions ("per_token") or its
+    sequences with at least one position in the loss ("per_sequence"). `loss_mask`: `(B, T)`."""
+    _check_normalisation(normalisation)
+    mask = loss_mask.bool()  # (B, T)
+    return int(mask.sum()) if normalisation == "per_token" else int(mask.any(1).sum())
+
+
+def _normalised(
+    sequence_sums: Tensor,
+    mask: Tensor,
+    normalisation: Normalisation,
+    normaliser: int | float | Tensor | None,
+) -> Tensor:
+    """The scalar loss from per-sequence sums `(B,)` and the loss mask `(B, T)`."""
+    if normalisation == "per_token":
+        return sequence_sums.sum() / (
+            loss_items(mask, "per_token") if normaliser is None else normaliser
+        )
+    lengths = mask.sum(1)  # (B,) positions in the loss per sequence
+    present = lengths > 0  # (B,)
+    per_sequence = sequence_sums[present] / lengths[present].to(sequence_sums.dtype)  # (B',)
+    count = int(present.sum()) if normaliser is None else normaliser
+    return per_sequence.sum() / count
+
+
+def _check_normalisation(normalisation: str) -> None:
+    if normalisation not in ("per_sequence", "per_token"):
+        raise ValueError(
+            f"normalisation must be 'per_sequence' or 'per_token'; got {normalisation!r}"
+        )
 
 
 def dail_loss(
@@ -170,6 +220,7 @@ def dail_loss(
     direction: Direction = "reverse",
     pull_mask: Tensor | None = None,
     normaliser: int | float | Tensor | None = None,
+    normalisation: Normalisation = "per_token",
 ) -> tuple[Tensor, dict[str, float]]:
     """The DAIL contrastive loss of one (micro-)batch.
 
@@ -182,9 +233,12 @@ def dail_loss(
         direction: "reverse" (default, the release) or "forward" (see the module docstring).
         pull_mask: `(B, T)` bool, True where the pull toward PS applies. Default None: the pull
             applies at every response position. Positions False here keep only the push term.
-        normaliser: what the summed loss is divided by. Default: this batch's number of
-            response positions. Under gradient accumulation pass the number of response
-            positions of the whole accumulated batch, so every token weighs the same.
+        normaliser: what the loss is divided by after the per-sequence or per-token sums:
+            `loss_items(mask, normalisation)` of the whole accumulated batch under gradient
+            accumulation. Default: that count for this batch alone.
+        normalisation: "per_token" (sum over positions / normaliser) or "per_sequence"
+            (each sequence's sum divided by its number of positions, summed / normaliser);
+            see the module docstring. The training config's default is "per_sequence".
 
     Returns:
         `(loss, metrics)`: the scalar loss, and detached floats that are means over THIS
@@ -195,6 +249,7 @@ def dail_loss(
     """
     if direction not in ("reverse", "forward"):
         raise ValueError(f"direction must be 'reverse' or 'forward'; got {direction!r}")
+    _check_normalisation(normalisation)
     if not learner_logits.shape == privileged_logits.shape == negative_logits.shape:
         raise ValueError(
             "the three views' logits must have one shape (B, T, V); got "
@@ -207,7 +262,7 @@ def dail_loss(
     if tokens == 0:
         return _zero_loss(learner_logits, names)
     pull = mask if pull_mask is None else mask & pull_mask.bool()  # (B, T)
-    loss_sum, kl_priv, kl_neg = _ContrastiveKL.apply(
+    sequence_sums, kl_priv, kl_neg = _ContrastiveKL.apply(
         learner_logits,
         privileged_logits,
         negative_logits,
@@ -216,7 +271,8 @@ def dail_loss(
         gamma,
         direction == "reverse",
     )
-    loss = loss_sum / (tokens if normaliser is None else normaliser)
+    loss = _normalised(sequence_sums, mask, normalisation, normaliser)
+    loss_sum = sequence_sums.detach().sum()
     values = torch.stack([loss_sum, kl_priv[mask].sum(), kl_neg[mask].sum()]) / tokens
     metrics = dict(zip(names, values.tolist(), strict=True))
     metrics["tokens"] = float(tokens)
@@ -228,12 +284,15 @@ def nll_loss(
     response_ids: Tensor,
     response_mask: Tensor,
     normaliser: int | float | Tensor | None = None,
+    normalisation: Normalisation = "per_token",
 ) -> tuple[Tensor, dict[str, float]]:
-    """Plain SFT baseline: summed -log M_theta(r_t) over the response tokens / `normaliser`.
+    """Plain SFT baseline: -log M_theta(r_t) over the response tokens, normalised as in
+    `dail_loss` (`normaliser`, `normalisation`).
 
     `learner_logits` `(B, T, V)` row t predicts `response_ids[:, t]` `(B, T)`; `response_mask`
-    `(B, T)` selects the tokens that count. `normaliser` as in `dail_loss`. Metrics: `total`
-    (= `nll`, the mean over this batch's tokens) and `tokens`."""
+    `(B, T)` selects the tokens that count. Metrics: `total` (= `nll`, the mean over this
+    batch's tokens) and `tokens`."""
+    _check_normalisation(normalisation)
     mask = response_mask.bool()  # (B, T)
     tokens = int(mask.sum())
     if tokens == 0:
@@ -242,11 +301,12 @@ def nll_loss(
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # (B, T, V)
     targets = response_ids.masked_fill(~mask, -100)  # (B, T)
-    loss_sum = F.cross_entropy(
-        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
-    )
-    loss = loss_sum / (tokens if normaliser is None else normaliser)
-    mean = loss_sum.item() / tokens
+    per_position = F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none"
+    )  # (B*T,), 0 where ignored
+    sequence_sums = per_position.view(mask.shape).sum(1)  # (B,)
+    loss = _normalised(sequence_sums, mask, normalisation, normaliser)
+    mean = sequence_sums.detach().sum().item() / tokens
     return loss, {"total": mean, "nll": mean, "tokens": float(tokens)}
 
 
@@ -259,9 +319,10 @@ def loss_masks(
     """Which response positions count (`loss_mask`) and which are pulled toward PS (`pull_mask`).
 
     `response_mask`, `shortcut_mask`: `(B, T)` bool (shortcut = reviewer-marked span).
-    Policies: "drop_pull" leaves shortcut tokens out of the pull but keeps them in the loss
-    (for NLL, which is all pull, that removes them); "drop_position" removes them from the loss;
-    "keep" ignores the marks. Both returned masks are `(B, T)` bool.
+    Policies: "drop_position" (the default) removes them from the loss: no gradient there;
+    "drop_pull" leaves shortcut tokens out of the pull but keeps them in the loss with only the
+    push away from NR, whose minimiser is NR's least likely token (for NLL, which is all pull,
+    that removes them); "keep" ignores the marks. Both returned masks are `(B, T)` bool.
     """
     mask = response_mask.bool()  # (B, T)
     if shortcut_mask is None or shortcut_policy == "keep":

@@ -7,8 +7,13 @@ base model, and from epoch 2 on their hidden states come from the reference cach
 (`reference_cache.py`) when it fits the configured disk budget.
 
 What this module adds to `Trainer`:
-- the loss normaliser is the number of response tokens of the whole accumulated batch
-  (`get_batch_samples`), so gradient accumulation weighs every token the same;
+- the loss normaliser counts the whole accumulated batch (`get_batch_samples`): its sequences
+  under `loss_normalisation` "per_sequence" (the release: every trace weighs the same), its
+  response tokens under "per_token", so micro-batching never changes the loss;
+- a warm-up that is not shorter than the planned optimizer steps is refused before the model
+  loads (`DailTrainingConfig.check_warmup`): such a run would train at learning rate 0;
+- the saved adapter's update norm (`adapter_motion.lora_update_norm`) is in the result, so a
+  caller can tell an adapter that did not move;
 - metrics kl_privileged / kl_negative are token-weighted over each optimizer step and logged
   beside Trainer's loss, learning rate and gradient norm;
 - a NaN/inf loss or gradient raises `TrainingDiverged` before the optimizer step, so no
@@ -51,7 +56,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from training.engine.config import DailTrainingConfig
+from training.engine.adapter_motion import lora_update_norm
+from training.engine.checkpoints import AtomicCheckpointMixin, atomic_directory
+from training.engine.config import LEGACY_DEFAULTS, DailTrainingConfig
 from training.engine.data import (
     DailCollator,
     OverlongCounts,
@@ -60,7 +67,7 @@ from training.engine.data import (
     fit_to_length,
     views_for,
 )
-from training.engine.objective import dail_loss, loss_masks, nll_loss
+from training.engine.objective import dail_loss, loss_items, loss_masks, nll_loss
 from training.engine.reference_cache import ReferenceCache, estimated_bytes
 from training.engine.views import reference_logits, response_logits, splits_into_body_and_head
 
@@ -107,6 +114,7 @@ class TrainingResult:
     reference_cache: str = "off"  # "on", or "off (why)"
     reference_cache_hits: int = 0  # micro-batches whose references were read, not recomputed
     seconds: float = 0.0
+    update_norm: float | None = None  # ||LoRA update||_F of the saved adapter; None: cancelled
 
 
 # ---- model ---------------------------------------------------------------------------------
@@ -174,7 +182,9 @@ def objective_loss(
     loss_mask, pull_mask = batch_loss_masks(batch, config)
     if config.objective == "nll":
         learner = response_logits(model, batch["learner_input_ids"], batch["learner_positions"])
-        return nll_loss(learner, batch["response_ids"], loss_mask, normaliser)
+        return nll_loss(
+            learner, batch["response_ids"], loss_mask, normaliser, config.loss_normalisation
+        )
     # References first: their forward's working memory is gone before the learner's graph exists.
     privileged, negative = reference_logits(
         model, batch, config.fuse_reference_forwards, reference_cache
@@ -189,6 +199,7 @@ def objective_loss(
         config.kl_direction,
         pull_mask,
         normaliser,
+        config.loss_normalisation,
     )
 
 
@@ -199,8 +210,9 @@ def _make_trainer_class() -> type:
     """Build the Trainer subclass lazily, so importing this module does not import Trainer."""
     from transformers import Trainer
 
-    class DailTrainer(Trainer):  # type: ignore[misc]
-        """`Trainer` whose loss is `objective_loss`, normalised over the accumulated batch."""
+    class DailTrainer(AtomicCheckpointMixin, Trainer):  # type: ignore[misc]
+        """`Trainer` whose loss is `objective_loss`, normalised over the accumulated batch;
+        checkpoints are written aside and renamed into place (`checkpoints.py`)."""
 
         loss_is_scaled_for_ga = True  # compute_loss divides by the whole accumulated batch
 
@@ -218,8 +230,11 @@ def _make_trainer_class() -> type:
 
         def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
             batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-            tokens = sum(int(batch_loss_masks(b, self.dail_config)[0].sum()) for b in batches)
-            return batches, max(tokens, 1)
+            normalisation = self.dail_config.loss_normalisation
+            items = sum(
+                loss_items(batch_loss_masks(b, self.dail_config)[0], normalisation) for b in batches
+            )
+            return batches, max(items, 1)
 
         def compute_loss(
             self,
@@ -354,9 +369,11 @@ def _check_resumable(run_file: Path, record: dict[str, Any]) -> None:
     if not run_file.is_file():
         return
     saved = json.loads(run_file.read_text())
-    if saved.get("config") != record["config"]:
+    # A run file written before a setting existed recorded what that run did: the legacy value.
+    saved["config"] = {**LEGACY_DEFAULTS, **saved.get("config", {})}
+    if saved["config"] != record["config"]:
         changed = sorted(
-            k for k in record["config"] if saved.get("config", {}).get(k) != record["config"][k]
+            k for k in record["config"] if saved["config"].get(k) != record["config"][k]
         )
         raise TrainingDataError(
             f"{run_file.parent} holds a run with other settings ({', '.join(changed)}); "
@@ -435,7 +452,8 @@ def train_adapter(
     a run that finds a complete checkpoint in `output_dir` continues from it; the settings and
     data must be the same. `should_stop()` is asked after every optimizer step.
     Raises `TrainingDiverged` on a NaN/inf loss or gradient, `TrainingDataError` when no
-    example fits `config.max_length` or the data differs from the run being resumed.
+    example fits `config.max_length`, the warm-up is not shorter than the planned steps, or
+    the data differs from the run being resumed.
     """
     started = time.monotonic()
     output_dir = Path(output_dir)
@@ -448,6 +466,10 @@ def train_adapter(
             f"none of the {len(examples)} examples fits max_length={config.max_length} "
             f"({overlong.as_dict()})"
         )
+    try:
+        config.check_warmup(config.planned_steps(len(kept)))
+    except ValueError as exc:
+        raise TrainingDataError(str(exc)) from exc
     record = {
         "config": {**config.to_dict(), "model": str(model_dir)},
         "data": {"examples": len(kept), "fingerprint": examples_fingerprint(kept)},
@@ -472,9 +494,12 @@ def train_adapter(
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     adapter_dir = None
+    update_norm = None
     if not flags["cancelled"]:
         adapter_dir = output_dir / ADAPTER_DIR
-        peft_model.save_pretrained(adapter_dir)
+        with atomic_directory(adapter_dir) as staging:  # no half-written adapter is ever left
+            peft_model.save_pretrained(staging)
+        update_norm = lora_update_norm(adapter_dir)
         if cache is not None:  # only a resumed run could use it again; it can be gigabytes
             shutil.rmtree(cache.directory, ignore_errors=True)
     return TrainingResult(
@@ -490,4 +515,5 @@ def train_adapter(
         reference_cache=cache_note,
         reference_cache_hits=cache.hits if cache else 0,
         seconds=time.monotonic() - started,
+        update_norm=update_norm,
     )

@@ -29,6 +29,7 @@ from curation.models import Dataset, DatasetKind, Problem
 from dailweb.errors import ConflictError, DomainError
 from dailweb.jobs.models import ACTIVE_STATES, JobState
 from dailweb.jobs.services import job_cancel, job_launch, job_retry
+from expansion.engine.answers import judge_completion
 from expansion.services.models import vllm_launch_refusal, vllm_rollout_backend
 from training.engine import evaluation as engine
 from training.models import (
@@ -88,6 +89,7 @@ class EvaluationSettings:
     prompt_template: str = engine.EVALUATION_TEMPLATE
     reasoning: bool = False
     allow_training_overlap: bool = False
+    protocol: str = engine.DEFAULT_PROTOCOL  # engine.EVALUATION_PROTOCOLS
 
 
 def _split_ids(text: str) -> list[str]:
@@ -124,6 +126,10 @@ def evaluation_problem_set(choice: ProblemSetChoice) -> list[Problem]:
             raise DomainError("Choose a dataset.", field_errors={"dataset": "required"})
         chosen = list(problems)
         if choice.split == EvaluationSplit.HELD_OUT:
+            try:
+                engine.check_seed("The split seed", choice.split_seed)
+            except engine.EvaluationError as exc:
+                raise DomainError(f"{exc}.", field_errors={"split_seed": str(exc)}) from exc
             try:
                 chosen = [
                     p
@@ -229,6 +235,10 @@ def evaluation_launch(*, settings: EvaluationSettings, launched_by) -> Evaluatio
             field_errors={"backend": reason},
         )
     try:
+        engine.check_seed("seed", settings.seed)
+    except engine.EvaluationError as exc:
+        raise DomainError(f"Settings: {exc}.", field_errors={"seed": str(exc)}) from exc
+    try:
         budgets = engine.validate_budgets(settings.budgets)
         sampling = engine.SamplingSettings(
             samples=settings.samples_per_problem,
@@ -237,6 +247,7 @@ def evaluation_launch(*, settings: EvaluationSettings, launched_by) -> Evaluatio
             top_p=settings.top_p,
             seed=settings.seed,
             batch_size=settings.batch_size,
+            protocol=settings.protocol,
         )
     except engine.EvaluationError as exc:
         raise DomainError(f"Settings: {exc}.") from exc
@@ -274,6 +285,7 @@ def evaluation_launch(*, settings: EvaluationSettings, launched_by) -> Evaluatio
         batch_size=sampling.batch_size,
         prompt_template=settings.prompt_template,
         reasoning=settings.reasoning,
+        protocol=sampling.protocol,
         training_snapshot=snapshot,
         training_overlap=len(overlap),
         overlap_allowed=bool(overlap) and settings.allow_training_overlap,
@@ -329,15 +341,17 @@ def evaluation_sample_rule(*, sample_id: int, ruling: str, note: str = "", by) -
 
 
 def _sample_row(member: EvaluationProblem, completion: engine.Completion) -> EvaluationSample:
-    verdict = engine.judge_completion(completion.text, member.answer)
+    verdict = judge_completion(completion.text, member.answer)
     return EvaluationSample(
         eval_problem=member,
         sample_index=completion.sample_index,
         text=completion.text,
         token_count=completion.token_count,
+        forced_tokens=completion.forced_tokens,
         finish_reason=completion.finish_reason,
         answer_extracted=verdict.predicted or "",
-        has_answer=verdict.predicted is not None,
+        # An empty box (the force-answer prompt's own `\\boxed{}`) is no answer.
+        has_answer=bool(verdict.predicted and verdict.predicted.strip()),
         math_verify=verdict.math_verify,
         string_match=verdict.string_match,
         auto_correct=verdict.correct,
@@ -389,6 +403,7 @@ def evaluation_execute(
         top_p=evaluation.top_p,
         seed=evaluation.seed,
         batch_size=evaluation.batch_size,
+        protocol=evaluation.protocol,
     )
     progress(done, total, f"loading {evaluation.model_label}")
     _check_model(evaluation.base_model_path, evaluation.adapter_path)

@@ -9,16 +9,31 @@ the `TrainingRun`. Later verdicts, span edits or problem edits do not change a l
 the job reads only that file and refuses it if its hash changed. Rejected (and unreviewed or
 needs-fix) traces are never in it; the counts of those left out are recorded.
 
+Accepted traces that are flagged (`TRACE_FLAGS`: incorrect answer, no answer, truncated at the
+token budget, not kept by the run's kept rule) are counted per flag for the form, and left out
+of the snapshot for the flags the admin ticks (`TrainingSettings.leave_out`). Default: none is
+left out. A reviewer's acceptance is a person's decision (the trace page asks them to confirm
+one with a wrong, missing or truncated answer) and the automatic answer check can be wrong
+where the person is right (CHAMP's prose answers), so the default trains on what reviewers
+accepted and shows the counts so the choice is an informed one. The choice and the counts left
+out per flag are recorded on the run (`data_filter`) and in the lineage.
+
 Refused at launch, before anything is queued: an empty name, settings out of range (the
 engine's `DailTrainingConfig` names the field), a base model that is not a model directory,
 no expansion run, a run expanded with another base model (paths compared resolved), an empty
-snapshot, and a snapshot of which no trace fits `max_length`.
+snapshot, a snapshot of which no trace fits `max_length`, and a warm-up that is not shorter
+than the planned optimizer steps (`DailTrainingConfig.check_warmup`: the steps follow from the
+examples used, the batch, the gradient accumulation and the epochs, so they are known here;
+such a run would train at learning rate 0 and leave an adapter that never moved).
 
 Over-long traces are handled by the engine's `overlong_policy` ("truncate" the response, or
 "skip" the trace); the counts are computed at launch, shown on the page and confirmed by the
 job. Reviewer-marked shortcut spans become the engine's per-token shortcut mask and are handled
-by `shortcut_policy` (default "drop_pull": out of the pull toward the privileged view, still
-pushed away from the negative reference).
+by `shortcut_policy` (default "drop_position": marked positions leave the loss).
+
+After training the run records how far the adapter moved (`update_norm`, the Frobenius norm of
+the LoRA update) and the loss at its first and last steps; an adapter whose update norm is
+(about) zero is marked "did not move" wherever it is listed.
 
 Execution resumes from the last complete checkpoint in the output directory (the engine does
 that); metrics of steps after that checkpoint are deleted first, since those steps run again.
@@ -27,11 +42,9 @@ A NaN/inf loss stops the job (failed) with the last good checkpoint kept.
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
 import json
-import math
 import shutil
 import tempfile
 import uuid
@@ -43,17 +56,18 @@ from typing import IO, Any
 
 from django.conf import settings as django_settings
 from django.db import transaction
-from django.db.models import Count
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from dailweb.errors import ConflictError, DomainError
 from dailweb.jobs.models import ACTIVE_STATES, JobState
 from dailweb.jobs.services import job_cancel, job_launch, job_retry
+from expansion.engine.tokenizer_cache import cached_tokenizer
 from expansion.models import ExpansionRun, ReviewState, Trace
 from training.engine.config import DailTrainingConfig
 from training.engine.data import OverlongCounts, TrainingExample, fit_to_length, views_for
 from training.engine.evaluation import TRAINING_SNAPSHOT_FILE
-from training.models import TrainingMetric, TrainingRun
+from training.models import TRACE_FLAGS, TrainingMetric, TrainingRun, data_filter_rows
 
 TRAINING_KIND = "training"
 SNAPSHOT_FILE = "snapshot.jsonl.gz"
@@ -86,14 +100,49 @@ def training_config(values: dict[str, Any]) -> DailTrainingConfig:
         raise DomainError(f"Settings: {message}.", field_errors=field_errors) from exc
 
 
+def trace_flag_q(flag: str, prefix: str = "") -> Q:
+    """The condition of one flag on Trace rows (`prefix`: the path to Trace, e.g. "traces__").
+    "no_answer" only where the problem has an answer to give (proofs have none)."""
+    conditions = {
+        "incorrect": Q(**{f"{prefix}answer_correct": False}),
+        "no_answer": Q(**{f"{prefix}answer_extracted": ""})
+        & ~Q(**{f"{prefix}run_problem__answer": ""}),
+        "truncated": Q(**{f"{prefix}finish_reason": "length"}),
+        "not_kept": Q(**{f"{prefix}kept": False}),
+    }
+    return conditions[flag]
+
+
+def accepted_flag_annotations() -> dict[str, Count]:
+    """Per expansion run, `accepted_<flag>`: its accepted traces carrying each flag."""
+    accepted = Q(traces__review_state=ReviewState.ACCEPTED)
+    return {
+        f"accepted_{flag}": Count("traces", filter=accepted & trace_flag_q(flag, "traces__"))
+        for flag in TRACE_FLAGS
+    }
+
+
 @dataclass(frozen=True)
 class TrainingSettings:
-    """What an admin chooses for a training run (validated by `training_run_launch`)."""
+    """What an admin chooses for a training run (validated by `training_run_launch`).
+
+    `leave_out`: flags of `TRACE_FLAGS` whose accepted traces stay out of the snapshot
+    (default none; see the module docstring)."""
 
     name: str
     base_model_path: str
     run_ids: Sequence[int]
     config: dict[str, Any] = field(default_factory=training_defaults)
+    leave_out: Sequence[str] = ()
+
+
+def accepted_trace_flags(*, run_ids: Sequence[int]) -> dict[str, int]:
+    """How many accepted traces of the runs carry each flag of `TRACE_FLAGS` (a trace can
+    carry several)."""
+    accepted = Trace.objects.filter(run_id__in=run_ids, review_state=ReviewState.ACCEPTED)
+    return accepted.aggregate(
+        **{flag: Count("pk", filter=trace_flag_q(flag)) for flag in TRACE_FLAGS}
+    )
 
 
 # --- Models and tokenizers -------------------------------------------------------------------
@@ -134,21 +183,17 @@ def context_length(model_dir: str | Path) -> int | None:
     return int(value) if value else None
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(path: str, stamp: float) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 def load_tokenizer(model_dir: str | Path) -> Any:
-    """The base model's tokenizer, cached per process (reloaded when its files change)."""
+    """The base model's tokenizer from the process's one cache (reloaded when its files
+    change: `expansion.engine.tokenizer_cache`)."""
     path = Path(model_dir)
-    stamps = [p.stat().st_mtime for p in path.glob("tokenizer*") if p.is_file()]
     try:
-        return _tokenizer(str(path), max(stamps, default=0.0))
+        tokenizer = cached_tokenizer(path)
     except (OSError, ValueError) as exc:
         raise DomainError(f"Cannot load the tokenizer of {path}: {exc}") from exc
+    if tokenizer is None:
+        raise DomainError(f"Cannot load the tokenizer of {path}: it has no tokenizer files.")
+    return tokenizer
 
 
 # --- The data snapshot -----------------------------------------------------------------------
@@ -263,12 +308,6 @@ def training_examples(
     return examples, empty
 
 
-def planned_steps(examples: int, config: DailTrainingConfig) -> int:
-    """Optimizer steps transformers' Trainer will take (its per-epoch rounding)."""
-    batches = math.ceil(examples / config.micro_batch_size)
-    return math.ceil(batches / config.gradient_accumulation_steps) * config.epochs
-
-
 def _check_runs(run_ids: Sequence[int], base: Path) -> list[ExpansionRun]:
     ids = sorted({int(i) for i in run_ids})
     if not ids:
@@ -320,24 +359,88 @@ def _fit(
 # --- Launch, cancel, retry -------------------------------------------------------------------
 
 
-def training_run_launch(*, settings: TrainingSettings, launched_by) -> TrainingRun:
-    """Freeze the snapshot, check it fits, create the run and queue its job on `gpu`."""
+@dataclass
+class TrainingPlan:
+    """Everything a launch checks and freezes, computed without writing anything."""
+
+    name: str
+    config: DailTrainingConfig
+    base: Path
+    runs: list[ExpansionRun]
+    traces: list[Trace]
+    records: list[dict[str, Any]]
+    excluded: dict[str, int]  # review state -> traces of the runs not accepted
+    flagged: dict[str, int]  # flag -> accepted traces carrying it
+    leave_out: list[str]  # the flags whose traces stay out
+    left_out: dict[str, int]  # flag -> accepted traces left out carrying it
+    left_out_total: int
+    examples_used: int
+    overlong: OverlongCounts
+    empty: int
+    planned_steps: int
+
+    @property
+    def flag_rows(self) -> list[tuple[str, int, int | None]]:
+        return data_filter_rows(self.data_filter)
+
+    @property
+    def data_filter(self) -> dict[str, Any]:
+        return {
+            "leave_out": self.leave_out,
+            "flagged": self.flagged,
+            "left_out": self.left_out,
+            "left_out_total": self.left_out_total,
+        }
+
+
+def _leave_out_flags(values: Sequence[str]) -> list[str]:
+    unknown = sorted(set(values) - set(TRACE_FLAGS))
+    if unknown:
+        raise DomainError(
+            f"Unknown trace flag(s) to leave out: {', '.join(unknown)} (known: "
+            f"{', '.join(TRACE_FLAGS)}).",
+            field_errors={"leave_out": "unknown"},
+        )
+    return [flag for flag in TRACE_FLAGS if flag in set(values)]
+
+
+def training_run_plan(*, settings: TrainingSettings) -> TrainingPlan:
+    """Check a launch and compute what it would train on (the snapshot's traces, the counts
+    per flag and left out, over-long handling, the planned optimizer steps) without writing
+    anything; raises the DomainError the launch would raise."""
     from expansion.services.export import reviewed_traces
 
     name = settings.name.strip()
     if not name:
         raise DomainError("Give the training run a name.", field_errors={"name": "required"})
     config = training_config(dict(settings.config))
+    leave_out = _leave_out_flags(settings.leave_out)
     base = base_model_check(settings.base_model_path)
     runs = _check_runs(settings.run_ids, base)
     run_ids = [r.pk for r in runs]
-    traces = list(reviewed_traces(run_ids=run_ids, states=[ReviewState.ACCEPTED]))
+    flagged = accepted_trace_flags(run_ids=run_ids)
+    chosen = Q(pk__in=[])
+    for flag in leave_out:
+        chosen |= trace_flag_q(flag)
+    accepted = Trace.objects.filter(run_id__in=run_ids, review_state=ReviewState.ACCEPTED)
+    left_out_ids = set(accepted.filter(chosen).values_list("pk", flat=True)) if leave_out else set()
+    left_out = accepted.filter(pk__in=left_out_ids).aggregate(
+        **{flag: Count("pk", filter=trace_flag_q(flag)) for flag in leave_out}
+    )
+    traces = [
+        t
+        for t in reviewed_traces(run_ids=run_ids, states=[ReviewState.ACCEPTED])
+        if t.pk not in left_out_ids
+    ]
     excluded = _excluded_counts(run_ids)
     if not traces:
-        left_out = ", ".join(f"{n} {state}" for state, n in excluded.items() if n) or "none"
+        left = ", ".join(f"{n} {state}" for state, n in excluded.items() if n) or "none"
+        if left_out_ids:
+            left = f"{len(left_out_ids)} accepted but left out by your choice, {left}"
         raise DomainError(
-            "The snapshot is empty: the chosen runs have no accepted traces (traces there: "
-            f"{left_out}). Accept traces in the review queue first; nothing was queued.",
+            "The snapshot is empty: the chosen runs have no accepted traces to train on "
+            f"(traces there: {left}). Accept traces in the review queue first, or leave fewer "
+            "out; nothing was queued.",
             field_errors={"expansion_runs": "no accepted traces"},
         )
     records = [snapshot_record(t) for t in traces]
@@ -351,6 +454,42 @@ def training_run_launch(*, settings: TrainingSettings, launched_by) -> TrainingR
             "maximum length or truncate; nothing was queued.",
             field_errors={"max_length": "no trace fits"},
         )
+    steps = config.planned_steps(len(kept))
+    try:
+        config.check_warmup(steps)
+    except ValueError as exc:
+        raise DomainError(
+            f"Settings: {exc}. {len(kept)} traces, micro-batch {config.micro_batch_size} x "
+            f"{config.gradient_accumulation_steps} accumulation steps, {config.epochs} "
+            f"epoch(s) give {steps} optimizer step(s): lower the warm-up below {steps} (or to "
+            "0), or train on more traces or epochs. Nothing was queued.",
+            field_errors={
+                "warmup_steps": f"must be below the {steps} planned optimizer step(s), or 0"
+            },
+        ) from exc
+    return TrainingPlan(
+        name=name,
+        config=config,
+        base=base,
+        runs=runs,
+        traces=traces,
+        records=records,
+        excluded=excluded,
+        flagged=flagged,
+        leave_out=leave_out,
+        left_out=left_out,
+        left_out_total=len(left_out_ids),
+        examples_used=len(kept),
+        overlong=overlong,
+        empty=empty,
+        planned_steps=steps,
+    )
+
+
+def training_run_launch(*, settings: TrainingSettings, launched_by) -> TrainingRun:
+    """Freeze the snapshot, check it fits, create the run and queue its job on `gpu`."""
+    plan = training_run_plan(settings=settings)
+    config, traces, records, overlong = plan.config, plan.traces, plan.records, plan.overlong
     output_dir = (
         Path(django_settings.ARTIFACTS_DIR)
         / "training"
@@ -361,9 +500,9 @@ def training_run_launch(*, settings: TrainingSettings, launched_by) -> TrainingR
         sha256 = write_snapshot(records, snapshot)
         with transaction.atomic():
             run = TrainingRun.objects.create(
-                name=name[:200],
+                name=plan.name[:200],
                 created_by=launched_by if getattr(launched_by, "pk", None) else None,
-                base_model_path=str(base),
+                base_model_path=str(plan.base),
                 objective=config.objective,
                 config=config.to_dict(),
                 source_runs=[
@@ -374,7 +513,7 @@ def training_run_launch(*, settings: TrainingSettings, launched_by) -> TrainingR
                         "adapter_path": r.adapter_path,
                         "accepted": sum(1 for t in traces if t.run_id == r.pk),
                     }
-                    for r in runs
+                    for r in plan.runs
                 ],
                 trace_ids=[t.pk for t in traces],
                 problem_ids=sorted({rec["problem_pk"] for rec in records}),
@@ -382,15 +521,16 @@ def training_run_launch(*, settings: TrainingSettings, launched_by) -> TrainingR
                 snapshot_sha256=sha256,
                 snapshot_traces=len(records),
                 snapshot_spans=sum(len(rec["shortcut_spans"]) for rec in records),
-                excluded=excluded,
-                examples_used=len(kept),
+                excluded=plan.excluded,
+                data_filter=plan.data_filter,
+                examples_used=plan.examples_used,
                 overlong_truncated=overlong.truncated,
                 overlong_skipped=overlong.skipped,
                 prompt_too_long=overlong.prompt_too_long,
                 response_tokens_dropped=overlong.response_tokens_dropped,
-                empty_traces=empty,
+                empty_traces=plan.empty,
                 output_dir=str(output_dir),
-                total_steps=planned_steps(len(kept), config),
+                total_steps=plan.planned_steps,
             )
             run.job = job_launch(
                 kind=TRAINING_KIND,
@@ -448,11 +588,14 @@ def _metric_row(run: TrainingRun, step: int, epoch: float, metrics: dict[str, fl
 
 
 def final_metrics(run: TrainingRun) -> dict[str, Any]:
-    """The last step's metrics (what the registry shows)."""
+    """The last step's metrics (what the registry shows), with the first step's loss."""
     last = run.metrics.order_by("-step").first()
     if last is None:
         return {}
+    first = run.metrics.order_by("step").first()
     values = {
+        "first_step": first.step,
+        "first_loss": first.loss,
         "step": last.step,
         "epoch": round(last.epoch, 3),
         "loss": last.loss,
@@ -476,6 +619,8 @@ def lineage(run: TrainingRun, result: Any) -> dict[str, Any]:
         "finished_at": timezone.now().isoformat(),
         "base_model": run.base_model_path,
         "objective": run.objective,
+        "loss_normalisation": run.loss_normalisation,
+        "shortcut_policy": run.config.get("shortcut_policy"),
         "config": run.config,
         "snapshot": {
             "file": run.snapshot_file,
@@ -485,6 +630,7 @@ def lineage(run: TrainingRun, result: Any) -> dict[str, Any]:
             "expansion_runs": run.source_runs,
             "shortcut_spans": run.snapshot_spans,
             "excluded": run.excluded,
+            "data_filter": run.data_filter,
         },
         "fitting": {
             "examples_used": run.examples_used,
@@ -497,6 +643,12 @@ def lineage(run: TrainingRun, result: Any) -> dict[str, Any]:
         "global_step": result.global_step,
         "total_steps": result.total_steps,
         "final_metrics": run.final_metrics,
+        "adapter_update": {
+            "update_norm": run.update_norm,
+            "did_not_move": run.did_not_move,
+            "first_loss": run.final_metrics.get("first_loss"),
+            "last_loss": run.final_metrics.get("loss"),
+        },
     }
 
 
@@ -612,12 +764,30 @@ def training_run_execute(
         return summary
     run.adapter_path = str(result.adapter_dir)
     run.final_metrics = final_metrics(run)
+    run.update_norm = result.update_norm
     (Path(run.adapter_path) / LINEAGE_FILE).write_text(
         json.dumps(lineage(run, result), indent=2, sort_keys=True) + "\n"
     )
-    run.save(update_fields=["last_checkpoint", "total_steps", "adapter_path", "final_metrics"])
+    run.save(
+        update_fields=[
+            "last_checkpoint", "total_steps", "adapter_path", "final_metrics", "update_norm"
+        ]
+    )  # fmt: skip
     log(f"adapter written to {run.adapter_path} with {LINEAGE_FILE}")
-    return {**summary, "adapter": run.adapter_path, "final_metrics": run.final_metrics}
+    moved = f"LoRA update norm {run.update_norm:.4g}"
+    if run.did_not_move:
+        moved += (
+            " — the adapter DID NOT MOVE (its update is zero): it changes nothing; check the "
+            "learning rate, warm-up and data"
+        )
+    log(moved)
+    return {
+        **summary,
+        "adapter": run.adapter_path,
+        "final_metrics": run.final_metrics,
+        "update_norm": run.update_norm,
+        "did_not_move": run.did_not_move,
+    }
 
 
 # --- The adapter download --------------------------------------------------------------------

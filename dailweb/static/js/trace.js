@@ -188,9 +188,58 @@
     var button = document.querySelector('#review-panel [data-key="' + key + '"]');
     if (button) button.click();
   }
+
+  // Accepting a trace with a wrong, missing or cut-off answer asks first (the form carries
+  // data-concerns; the server refuses such an accept without confirm_incorrect anyway).
+  function confirmPanel() {
+    var panel = document.getElementById("accept-confirm");
+    return panel && !panel.hidden ? panel : null;
+  }
+  function openConfirm() {
+    var panel = document.getElementById("accept-confirm");
+    if (!panel) return;
+    panel.hidden = false;
+    panel.querySelector('[data-confirm="accept"]').focus();
+  }
+  function closeConfirm() {
+    var panel = document.getElementById("accept-confirm");
+    if (!panel) return;
+    panel.hidden = true;
+    document.getElementById("confirm-incorrect").checked = false;
+    var accept = document.querySelector('#review-panel [data-key="a"]');
+    if (accept) accept.focus();
+  }
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest && event.target.closest("#verdict-form button");
+    if (!button) return;
+    var form = button.form;
+    var box = document.getElementById("confirm-incorrect");
+    if (button.dataset.confirm === "accept") { box.checked = true; return; }
+    if (button.dataset.confirm === "cancel") { closeConfirm(); return; }
+    if (button.dataset.key === "a" && form.dataset.concerns && !(box && box.checked)) {
+      event.preventDefault();
+      openConfirm();
+    } else if (box && button.dataset.key !== "a") {
+      box.checked = false;  // a reject or needs-fix never carries the confirmation
+    }
+  });
+
   document.addEventListener("keydown", function (event) {
     if (event.ctrlKey || event.metaKey || event.altKey) return;
     var help = document.getElementById("help");
+    var panel = confirmPanel();
+    var writing = event.target.tagName === "TEXTAREA" || (event.target.tagName === "INPUT" && event.target.type === "text");
+    if (panel && !writing) {
+      var onCancel = event.target.dataset && event.target.dataset.confirm === "cancel";
+      if (event.key === "Escape" || (event.key === "Enter" && onCancel)) {
+        event.preventDefault(); closeConfirm(); return;
+      }
+      if (event.key === "Enter" || event.key === "a") {
+        event.preventDefault();
+        panel.querySelector('[data-confirm="accept"]').click();
+        return;
+      }
+    }
     if (typing(event.target)) return;
     switch (event.key) {
       case "ArrowRight": event.preventDefault(); setFocus(focusIndex + 1, event.shiftKey); break;
@@ -223,7 +272,11 @@
   window.addEventListener("resize", function () { drawLane(Number(slider.value)); });
   // After htmx swaps the review panel: keep span highlights in step, clear the selection.
   document.body.addEventListener("htmx:afterSwap", function (event) {
-    if (event.detail.target && event.detail.target.id === "review-panel") { setSelection(0, 0); paintSpans(); }
+    if (event.detail.target && event.detail.target.id === "review-panel") {
+      setSelection(0, 0); paintSpans();
+      var panel = confirmPanel();  // the server asked for a confirmation: keys go to it
+      if (panel) panel.querySelector('[data-confirm="accept"]').focus();
+    }
   });
 
   // What-if waypoints: the server re-scores log p_NR; the page can show either set.

@@ -40,26 +40,37 @@
 
   function textareaSelection() {
     var area = document.getElementById("id_body");
-    if (!area || area.selectionStart === area.selectionEnd) return null;
+    // A textarea keeps its selection after it loses focus: only a selection in the focused
+    // textarea counts, so an old one is never marked again.
+    if (!area || document.activeElement !== area) return null;
+    if (area.selectionStart === area.selectionEnd) return null;
     // Browsers use "\n" in the value; the server normalises "\r\n" to "\n" too.
     return [area.selectionStart, area.selectionEnd];
+  }
+
+  function say(text) {
+    var status = document.getElementById("mark-status");
+    if (status) status.textContent = text;
   }
 
   function markSelection() {
     var span = markingSelection() || textareaSelection();
     if (!span) {
-      var status = document.getElementById("marking");
-      if (status) status.setAttribute("data-hint", "Select some text first.");
+      say("Select text first (in the source or in the pane below), then mark it.");
       return;
     }
+    say("");
     var form = editor();
     // getAttribute, not form.dataset: a form with a field named "dataset" shadows it.
     htmx.ajax("POST", form.getAttribute("data-preview-url"), {
       source: form, target: "#live-panel", swap: "outerHTML",
       values: { action: "add", start: span[0], end: span[1] }
     });
+    // The selection is used up: collapse it, so that pressing Alt+W again adds nothing.
     var sel = window.getSelection();
     if (sel) sel.removeAllRanges();
+    var area = document.getElementById("id_body");
+    if (area && document.activeElement === area) area.setSelectionRange(span[1], span[1]);
   }
 
   document.addEventListener("keydown", function (event) {

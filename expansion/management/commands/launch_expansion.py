@@ -6,11 +6,14 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from curation.models import Dataset, Problem
+from curation.models import Dataset
 from dailweb.errors import DomainError
+from dailweb.forms import plain_int_argument
+from expansion.engine.answers import DEFAULT_KEPT_RULE, KEPT_RULES
+from expansion.engine.rollout import DEFAULT_ROLLOUT_PRESET, ROLLOUT_PRESETS
 from expansion.models import Backend
 from expansion.services import base_model_dir
-from expansion.services.runs import RunSettings, expansion_run_launch
+from expansion.services.runs import RunSettings, expansion_run_launch, run_problems_select
 
 
 class Command(BaseCommand):
@@ -21,7 +24,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--problems", nargs="*", default=[], help="External ids (default: all)."
         )
-        parser.add_argument("--limit", type=int)
+        parser.add_argument("--limit", type=plain_int_argument)
         parser.add_argument("--name", default="")
         parser.add_argument(
             "--model", default="", help="Model directory (default: the base model)."
@@ -33,10 +36,28 @@ class Command(BaseCommand):
             default=Backend.TRANSFORMERS,
             help="Rollout engine (vllm: needs vLLM on the gpu workers).",
         )
-        parser.add_argument("--samples", type=int, default=4)
-        parser.add_argument("--chunk", type=int, default=4, help="Problems per chunk (job).")
+        parser.add_argument("--samples", type=plain_int_argument, default=4)
         parser.add_argument(
-            "--rollout", default="{}", help="RolloutConfig fields as JSON, e.g. '{\"tau\": 0.8}'."
+            "--chunk", type=plain_int_argument, default=4, help="Problems per chunk (job)."
+        )
+        parser.add_argument(
+            "--preset",
+            choices=list(ROLLOUT_PRESETS),
+            default=DEFAULT_ROLLOUT_PRESET,
+            help="Rollout settings to start from (--rollout overrides single fields): "
+            + " ".join(f"{p.name} = {p.label}: {p.source}" for p in ROLLOUT_PRESETS.values()),
+        )
+        parser.add_argument(
+            "--rollout",
+            default="{}",
+            help="RolloutConfig fields over the preset, as JSON, e.g. '{\"max_new_tokens\": 256}'.",
+        )
+        parser.add_argument(
+            "--kept-rule",
+            choices=list(KEPT_RULES),
+            default=DEFAULT_KEPT_RULE,
+            help="Which traces are marked kept: "
+            + " ".join(f"{r.name}: {r.source}" for r in KEPT_RULES.values()),
         )
         parser.add_argument("--reasoning", action="store_true")
 
@@ -44,12 +65,19 @@ class Command(BaseCommand):
         dataset = Dataset.objects.filter(name=o["dataset"]).first()
         if dataset is None:
             raise CommandError(f"No dataset named {o['dataset']!r}.")
-        problems = Problem.objects.filter(dataset=dataset).order_by("external_id")
-        if o["problems"]:
-            problems = problems.filter(external_id__in=o["problems"])
-        ids = list(problems.values_list("pk", flat=True))[: o["limit"] or None]
+        try:
+            ids = run_problems_select(
+                dataset=dataset, external_ids=o["problems"] or (), limit=o["limit"]
+            )
+        except DomainError as exc:
+            raise CommandError(exc.message) from None
         try:
             rollout = json.loads(o["rollout"])
+        except (ValueError, RecursionError) as exc:  # also a 5,000-digit number, deep nesting
+            raise CommandError(f"--rollout is not readable JSON: {exc}") from None
+        if not isinstance(rollout, dict):
+            raise CommandError("--rollout must be a JSON object of settings.")
+        try:
             run = expansion_run_launch(
                 settings=RunSettings(
                     name=o["name"] or f"{dataset.name} x{o['samples']}",
@@ -57,15 +85,15 @@ class Command(BaseCommand):
                     adapter_path=o["adapter"],
                     backend=o["backend"],
                     samples_per_problem=o["samples"],
+                    preset=o["preset"],
                     rollout=rollout,
+                    kept_rule=o["kept_rule"],
                     chunk_problems=o["chunk"],
                     reasoning=o["reasoning"],
                 ),
                 problem_ids=ids,
                 launched_by=None,
             )
-        except json.JSONDecodeError as exc:
-            raise CommandError(f"--rollout is not JSON: {exc}") from exc
         except DomainError as exc:
             raise CommandError(exc.message) from exc
         self.stdout.write(

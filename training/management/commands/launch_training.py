@@ -7,7 +7,9 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 
 from dailweb.errors import DomainError
+from dailweb.forms import plain_int_argument
 from expansion.services import base_model_dir
+from training.models import TRACE_FLAGS
 from training.services.training import (
     EMBEDDED_SCALE,
     TrainingSettings,
@@ -25,7 +27,9 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--runs", nargs="+", type=int, required=True, help="Expansion run ids.")
+        parser.add_argument(
+            "--runs", nargs="+", type=plain_int_argument, required=True, help="Expansion run ids."
+        )
         parser.add_argument("--name", default="")
         parser.add_argument(
             "--model", default="", help="Base model directory (default: the base model)."
@@ -35,6 +39,14 @@ class Command(BaseCommand):
             "--config",
             default="{}",
             help='DailTrainingConfig fields as JSON, e.g. \'{"gamma": 0.05, "epochs": 3}\'.',
+        )
+        parser.add_argument(
+            "--leave-out",
+            nargs="*",
+            default=[],
+            choices=list(TRACE_FLAGS),
+            help="Leave accepted traces with these flags out of the snapshot "
+            f"({'; '.join(f'{k}: {v}' for k, v in TRACE_FLAGS.items())}). Default: none.",
         )
         parser.add_argument(
             "--release",
@@ -47,8 +59,8 @@ class Command(BaseCommand):
 
         try:
             overrides = json.loads(o["config"])
-        except json.JSONDecodeError as exc:
-            raise CommandError(f"--config is not JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # also a 5,000-digit number, deep nesting
+            raise CommandError(f"--config is not readable JSON: {exc}") from None
         if not isinstance(overrides, dict):
             raise CommandError("--config must be a JSON object of settings.")
         start = DailTrainingConfig().to_dict() if o["release"] else training_defaults()
@@ -61,11 +73,13 @@ class Command(BaseCommand):
                     base_model_path=o["model"] or str(base_model_dir()),
                     run_ids=o["runs"],
                     config=config,
+                    leave_out=o["leave_out"],
                 ),
                 launched_by=None,
             )
         except DomainError as exc:
             raise CommandError(exc.message) from exc
+        left_out = run.data_filter.get("left_out_total", 0)
         overlong = (
             f"{run.overlong_truncated} truncated, {run.overlong_skipped} skipped, "
             f"{run.prompt_too_long} with too long a prompt"
@@ -73,7 +87,8 @@ class Command(BaseCommand):
         self.stdout.write(
             self.style.SUCCESS(
                 f"Queued training run #{run.pk} (job #{run.job_id}): {run.examples_used} of "
-                f"{run.snapshot_traces} accepted traces ({overlong}), {run.total_steps} steps; "
+                f"{run.snapshot_traces} accepted traces ({overlong}; {left_out} more accepted "
+                f"left out by --leave-out), {run.total_steps} steps; "
                 f"output {run.output_dir}."
             )
         )
