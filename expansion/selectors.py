@@ -7,13 +7,15 @@ any page; the trace page loads one blob and decodes it.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from django.db.models import Count, Q, QuerySet, Sum
 
 from dailweb.jobs.models import ACTIVE_STATES, Job, JobState
+from dailweb.labelled_fields import FieldLabel, LabelledField, labelled_fields
+from expansion.engine.rollout import RolloutConfig
 from expansion.engine.trace_format import decode_trace
-from expansion.models import ExpansionRun, ReviewState, ShortcutSpan, Trace, Verdict
+from expansion.models import ExpansionChunk, ExpansionRun, ReviewState, ShortcutSpan, Trace, Verdict
 
 SORTS = {
     "shortcut": "-shortcut_max",
@@ -185,6 +187,48 @@ def run_chunks(run: ExpansionRun):
     return (
         run.chunks.select_related("job").annotate(problems=Count("run_problems")).order_by("index")
     )
+
+
+ROLLOUT_LABELS: dict[str, FieldLabel] = {
+    "tau": FieldLabel("Acceptance threshold τ"),
+    "proposer": FieldLabel("Proposing view"),
+    "acceptance": FieldLabel("Acceptance compares"),
+    "max_draws": FieldLabel("Candidates before fallback (R)", "draws"),
+    "top_k": FieldLabel("Top-k", "tokens"),
+    "top_p": FieldLabel("Top-p"),
+    "temperature": FieldLabel("Temperature"),
+    "max_new_tokens": FieldLabel("Longest trace", "tokens"),
+    "eos_token_ids": FieldLabel("End-of-trace token ids", empty="the model's own"),
+    "forbidden_token_ids": FieldLabel("Forbidden token ids"),
+    "seed": FieldLabel("Seed"),
+    "block_size": FieldLabel("Draft block, initial", "tokens"),
+    "max_block_size": FieldLabel("Draft block, largest", "tokens"),
+    "draft_view": FieldLabel("Drafting view"),
+    "max_batch_size": FieldLabel("Sequences decoded together", "sequences"),
+}
+
+
+def run_settings_fields(run: ExpansionRun) -> list[LabelledField]:
+    """The run's rollout settings snapshot as labelled fields (what each means from the
+    engine's own field help); values chosen over the preset say so."""
+    helps = {f.name: f.metadata.get("help", "") for f in fields(RolloutConfig)}
+    overrides = set(run.rollout_overrides or {})
+    for key in overrides:
+        helps[key] = (helps.get(key, "") + " Chosen over the preset.").strip()
+    return labelled_fields(run.rollout_config or {}, labels=ROLLOUT_LABELS, helps=helps)
+
+
+def run_current_chunk(chunks: list[ExpansionChunk]) -> tuple[ExpansionChunk | None, int]:
+    """The chunk the run page follows (ETA, stage, log tail): a running one, else the next
+    queued one, else the one that finished last; and how many other chunks wait in the queue."""
+    current = None
+    for state in (JobState.RUNNING, JobState.QUEUED):
+        current = current or next((c for c in chunks if c.job.state == state), None)
+    if current is None:
+        finished = [c for c in chunks if c.job.finished_at]
+        current = max(finished, key=lambda c: c.job.finished_at) if finished else None
+    queued = sum(1 for c in chunks if c.job.state == JobState.QUEUED and c is not current)
+    return current, queued
 
 
 def trace_detail(trace_id: int) -> Trace:

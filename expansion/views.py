@@ -9,6 +9,7 @@ from django.contrib import messages
 from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
+from django.template.defaultfilters import pluralize
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
@@ -86,8 +87,10 @@ def run_launch(request: HttpRequest) -> HttpResponse:
                 form.add_error(None, exc.message)
                 status = exc.status
             else:
+                chunk_count = run.chunks.count()
                 messages.success(
-                    request, f"Launched expansion run #{run.pk} ({run.chunks.count()} chunks)."
+                    request,
+                    f"Launched expansion run #{run.pk} ({chunk_count} chunk{pluralize(chunk_count)}).",
                 )
                 return redirect("expansion:run_detail", run_id=run.pk)
     return render(request, "expansion/run_launch.html", {"form": form}, status=status)
@@ -105,12 +108,18 @@ def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
     run = _get_run(run_id)
     progress = selectors.run_progress([run])[0]
     multi, agreeing = selectors.run_agreement(run.pk)
+    chunks = list(selectors.run_chunks(run))
+    current, queued_after = selectors.run_current_chunk(chunks)
     context = {
         "run": run,
         "progress": progress,
-        "chunks": selectors.run_chunks(run),
+        "chunks": chunks,
+        "current_chunk": current,
+        "queued_after": queued_after,
         "agreement": (multi, agreeing),
     }
+    if not request.htmx:
+        context["settings_fields"] = selectors.run_settings_fields(run)
     template = (
         "expansion/run_detail.html#run-status" if request.htmx else "expansion/run_detail.html"
     )
@@ -123,7 +132,7 @@ def run_cancel(request: HttpRequest, run_id: int) -> HttpResponse:
     run = _get_run(run_id)
     try:
         count = run_services.expansion_run_cancel(run=run, by=request.user)
-        messages.success(request, f"Asked {count} chunk(s) to stop.")
+        messages.success(request, f"Asked {count} chunk{pluralize(count)} to stop.")
     except DomainError as exc:
         messages.error(request, exc.message)
     return redirect("expansion:run_detail", run_id=run.pk)
@@ -135,7 +144,9 @@ def run_retry(request: HttpRequest, run_id: int) -> HttpResponse:
     run = _get_run(run_id)
     try:
         count = run_services.expansion_run_retry(run=run, by=request.user)
-        messages.success(request, f"Queued {count} chunk(s) again; finished traces are kept.")
+        messages.success(
+            request, f"Queued {count} chunk{pluralize(count)} again; finished traces are kept."
+        )
     except DomainError as exc:
         messages.error(request, exc.message)
     return redirect("expansion:run_detail", run_id=run.pk)

@@ -35,3 +35,8 @@ JOB_HEARTBEAT_SECONDS = 1
 JOB_STALE_SECONDS = 5
 # vLLM engines started by tests (and their workers) need little KV cache; leave RAM to the rest.
 VLLM_KV_CACHE_GB = 1
+# axe-core (npm package, pinned in package.json) for the accessibility browser tests, served from
+# our own static files so that the strict CSP (script-src 'self') lets the tests load it.
+AXE_CORE_DIR = BASE_DIR / "node_modules" / "axe-core"  # noqa: F405
+if AXE_CORE_DIR.is_dir():
+    STATICFILES_DIRS = [*STATICFILES_DIRS, ("vendor/axe-core", AXE_CORE_DIR)]  # noqa: F405

@@ -36,6 +36,12 @@ class Job(models.Model):
     progress_unit = models.CharField(max_length=32, default="steps")
     # Progress when the current attempt started, so the ETA uses this attempt's rate only.
     progress_at_start = models.BigIntegerField(default=0)
+    # The rate behind the ETA is measured between the first progress of this attempt beyond
+    # `progress_at_start` and the latest progress write, so start-up time (loading a model)
+    # and the time since the last report do not slow the estimate down.
+    progress_first_at = models.DateTimeField(null=True, blank=True)
+    progress_first_done = models.BigIntegerField(default=0)
+    progress_at = models.DateTimeField(null=True, blank=True)
     stage = models.CharField(max_length=200, blank=True)
     log = models.TextField(blank=True)
     error = models.TextField(blank=True)
@@ -89,15 +95,24 @@ class Job(models.Model):
 
     @property
     def eta(self) -> timedelta | None:
-        """Remaining time at this attempt's average rate; None until there is a rate."""
-        if self.state != JobState.RUNNING or not self.started_at or self.progress_total <= 0:
+        """Remaining time at this attempt's recent rate; None until two progress reports
+        (after the first one beyond where the attempt started) give a rate.
+
+        rate = (done - first_done) / (last_report - first_report); the estimate then counts
+        down from the last report, so it never grows while the job is simply working."""
+        if self.state != JobState.RUNNING or self.progress_total <= 0:
             return None
-        done_this_attempt = self.progress_done - self.progress_at_start
-        remaining = self.progress_total - self.progress_done
-        elapsed = (timezone.now() - self.started_at).total_seconds()
-        if done_this_attempt <= 0 or elapsed <= 0:
+        if self.progress_first_at is None or self.progress_at is None:
             return None
-        return timedelta(seconds=round(remaining * elapsed / done_this_attempt))
+        done_since_first = self.progress_done - self.progress_first_done
+        seconds = (self.progress_at - self.progress_first_at).total_seconds()
+        if done_since_first <= 0 or seconds <= 0:
+            return None
+        remaining = max(0, self.progress_total - self.progress_done)
+        since_report = max(0.0, (timezone.now() - self.progress_at).total_seconds())
+        return timedelta(
+            seconds=max(0, round(remaining * seconds / done_since_first - since_report))
+        )
 
 
 class WorkerHeartbeat(models.Model):

@@ -90,6 +90,7 @@ class JobContext:
         self._stage = job.stage
         self._last_write = 0.0
         self._last_cancel_check = 0.0
+        self._first_written = job.progress_first_at is not None
 
     def _mine(self):
         return Job.objects.filter(pk=self.job_id, task_id=self.task_id, state=JobState.RUNNING)
@@ -115,14 +116,22 @@ class JobContext:
         now = time.monotonic()
         if force or stage_changed or now - self._last_write >= PROGRESS_WRITE_INTERVAL:
             self._last_write = now
+            wall = timezone.now()
+            fields: dict[str, Any] = {"progress_at": wall}
+            # The first report beyond where this attempt started anchors the ETA's rate.
+            first = not self._first_written and self._done > self.done_before
+            if first:
+                fields.update(progress_first_at=wall, progress_first_done=self._done)
             try:
                 self._mine().update(
                     progress_done=self._done,
                     progress_total=self._total,
                     progress_unit=self._unit,
                     stage=self._stage,
-                    heartbeat_at=timezone.now(),
+                    heartbeat_at=wall,
+                    **fields,
                 )
+                self._first_written = self._first_written or first
             except DB_ERRORS as exc:  # best effort: the next report writes it again
                 logger.warning("job %s: progress not written (%s)", self.job_id, exc)
                 _reconnect_later()
@@ -277,6 +286,8 @@ def _claim_locked(job: Job, task_id: str, hostname: str) -> Job | None:
     job.worker_hostname = hostname[:200]
     job.worker_pid = os.getpid()
     job.progress_at_start = job.progress_done
+    job.progress_first_at = job.progress_at = None
+    job.progress_first_done = job.progress_done
     job.save()
     job_log_append(job_id=job.pk, message=f"started on {job.worker_hostname} (pid {os.getpid()})")
     return job

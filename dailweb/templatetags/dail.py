@@ -7,6 +7,7 @@ from datetime import timedelta
 from django import template
 from django.utils.safestring import SafeString
 
+from dailweb.labelled_fields import LabelledField, labelled_fields
 from dailweb.rendering import render_excerpt
 
 register = template.Library()
@@ -39,6 +40,19 @@ def width_class(percent: float | None) -> str:
     except (TypeError, ValueError):
         value = 0
     return f"w-{max(0, min(100, value))}"
+
+
+@register.filter
+def as_fields(values: dict | None) -> list[LabelledField]:
+    """A dict (a job's parameters or result) as labelled fields for `_labelled_fields.html`."""
+    return labelled_fields(values or {})
+
+
+@register.filter
+def last_lines(value: str | None, count: int = 20) -> str:
+    """The last `count` lines of a text (a log's tail)."""
+    lines = (value or "").rstrip("\n").split("\n")
+    return "\n".join(lines[-max(1, int(count)) :])
 
 
 @register.filter

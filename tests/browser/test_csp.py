@@ -8,15 +8,10 @@ before its own scripts run) and Chromium's console messages about the policy."""
 from __future__ import annotations
 
 import pytest
-from axes.models import AccessAttempt
 from django.conf import settings
 
-from curation.services.problems import solution_revise
-from dailweb.jobs.models import JobState
 from tests.browser.conftest import log_in
-from tests.factories import make_dataset, make_job, make_problem, make_run, make_user
-from tests.training.factories import make_evaluation
-from tests.training.training_factories import make_training_run
+from tests.browser.pages import MATH_SOLUTION, build_site
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -27,13 +22,6 @@ document.addEventListener("securitypolicyviolation", (e) => {
   );
 });
 """
-
-MATH_SOLUTION = (
-    "Let $f(x) = \\frac{x^2 + 1}{\\sqrt{x}}$. Then\n\n"
-    "$$\\sum_{k=1}^{n} k = \\frac{n(n+1)}{2}, \\qquad \\int_0^1 x\\,dx = \\tfrac12$$\n\n"
-    "\\begin{aligned} a &= b + c \\\\ \\left( \\frac{a}{b} \\right)^2 &= \\binom{n}{k} \\end{aligned}\n\n"
-    "| n | $n^2$ |\n| --- | --- |\n| 3 | $9$ |\n\n`code $x$` and **bold**. The answer is $\\boxed{3}$."
-)
 
 
 class PolicyWatch:
@@ -94,33 +82,24 @@ def test_the_watch_catches_an_inline_style(page, live_server):
 def test_every_page_type_runs_under_the_policy(page, live_server):
     url = live_server.url
     watch = PolicyWatch(page)
+    # Every page type's rows (tests/browser/pages.py): math in the statement and the solution,
+    # a run with traces, a running job, a training run, two evaluations, a lockout record.
+    site = build_site()
+    problem = site.problem
+    admin = site.admin_user
+    training = site.training
+    base, tuned = site.evaluations
 
     # Anonymous: the login pages, a 404, and the lockout page after too many failures.
     watch.visit(f"{url}/accounts/login/")
     watch.visit(f"{url}/admin/login/")
     watch.visit(f"{url}/no-such-page/", status=404)
 
-    # Expert: curation, with real math in the statement and the solution.
-    expert = make_user("expert", username="erin", password="csp-pass-1")
-    dataset = make_dataset(name="csp set")
-    problem = make_problem(
-        author=expert, dataset=dataset, statement="Find $x$ with $\\sqrt{x} = 3$.",
-        solution=MATH_SOLUTION, answer="3",
-    )  # fmt: skip
-    solution_revise(problem=problem, body=MATH_SOLUTION + "\n\nA second version.", author=expert)
-    log_in(page, live_server, "erin", "csp-pass-1")
+    # Expert: curation.
+    log_in(page, live_server, site.expert.username, site.expert.password)
     watch.settle()
     watch.assert_clean("the expert's login")
-    for path in (
-        "/",
-        "/problems/",
-        f"/problems/{problem.pk}/",
-        f"/problems/{problem.pk}/versions/",
-        f"/problems/{problem.pk}/versions/?a=1&b=2",
-        "/problems/new/",
-        "/problems/import/",
-        "/problems/datasets/new/",
-    ):
+    for path in site.expert.paths:
         watch.visit(url + path)
     watch.visit(f"{url}/problems/{problem.pk}/")
     assert page.locator(".katex math").count() >= 5, "math is typeset as MathML"
@@ -142,53 +121,20 @@ def test_every_page_type_runs_under_the_policy(page, live_server):
     page.context.clear_cookies()
 
     # Reviewer: the queue and the token-level trace page (trace.js colours and inspects).
-    run = make_run(problems=1, samples=2, tokens=40)
-    trace = run.traces.order_by("pk").first()
-    make_user("reviewer", username="rita", password="csp-pass-2")
-    log_in(page, live_server, "rita", "csp-pass-2")
-    watch.visit(f"{url}/review/")
-    watch.visit(f"{url}/review/traces/{trace.pk}/")
+    log_in(page, live_server, site.reviewer.username, site.reviewer.password)
+    for path in site.reviewer.paths:
+        watch.visit(url + path)
     page.locator("#trace-text .t").nth(3).hover()
     assert "shortcut score" in page.locator("#token-info").inner_text()
     watch.settle()
     watch.assert_clean("the trace page after inspecting a token")
     page.context.clear_cookies()
 
-    # Admin: jobs, runs, training, evaluations, models, Django admin.
-    # Staff and superuser, as `manage.py demo_users` makes the admin (Django admin pages too).
-    admin = make_user("admin", username="ada", password="csp-pass-3")
-    admin.is_staff = admin.is_superuser = True
-    admin.save(update_fields=["is_staff", "is_superuser"])
-    running = make_job(state=JobState.RUNNING, progress_done=3, progress_total=8)
-    training = make_training_run(
-        job_state=JobState.SUCCEEDED, metrics=[(1.0, 0.5, 0.4), (0.8, 0.4, 0.3)]
-    )
-    base = make_evaluation(problems=2, samples=2, name="base")
-    tuned = make_evaluation(
-        samples=2, name="tuned", on_problems=[m.problem for m in base.problems.all()]
-    )
-    evaluated = base.problems.first().problem_id
-    AccessAttempt.objects.create(
-        username="someone", ip_address="10.0.0.1", user_agent="x", failures_since_start=2,
-        http_accept="text/html", path_info="/accounts/login/", get_data="", post_data="",
-    )  # fmt: skip
-    log_in(page, live_server, "ada", "csp-pass-3")
+    # Admin (staff and superuser, as `manage.py demo_users` makes it): jobs, runs, training,
+    # evaluations, models, and the Django admin's pages.
+    log_in(page, live_server, site.admin.username, site.admin.password)
     for path in (
-        "/",
-        "/jobs/",
-        f"/jobs/{running.pk}/",
-        "/runs/",
-        f"/runs/{run.pk}/",
-        "/runs/new/",
-        "/models/",
-        "/training/",
-        "/training/new/",
-        f"/training/{training.pk}/",
-        "/training/adapters/",
-        "/evaluations/",
-        "/evaluations/new/",
-        f"/evaluations/{base.pk}/",
-        f"/evaluations/problems/{evaluated}/?ids={base.pk}&ids={tuned.pk}",
+        *site.admin.paths,
         "/admin/",
         "/admin/axes/accessattempt/",
         f"/admin/auth/user/{admin.pk}/change/",

@@ -307,3 +307,34 @@ def test_a_stale_editor_save_is_refused_with_a_diff_link_and_keeps_what_was_type
     )  # fmt: skip
     assert again.status_code == 302
     assert problem.versions.get(number=3).body == mine
+
+
+def test_statement_source_and_tags_are_discoverably_editable(client, expert):
+    """Issue 16.9: the problem page links its author to the details form on the editor page,
+    the editor says where that form is, and the form there saves the statement, source, tags."""
+    problem = make_problem(author=expert)
+    detail = client.get(reverse("curation:detail", args=[problem.pk])).content.decode()
+    link = f'href="{reverse("curation:edit", args=[problem.pk])}#details"'
+    assert link in detail and "Edit statement, source &amp; tags" in detail
+    editor = client.get(reverse("curation:edit", args=[problem.pk])).content.decode()
+    assert 'id="details"' in editor
+    assert 'data-testid="details-pointer"' in editor and 'href="#details"' in editor
+    assert f'action="{reverse("curation:details", args=[problem.pk])}"' in editor
+    client.post(
+        reverse("curation:details", args=[problem.pk]),
+        {"statement": "Find $y$.", "source": "AMC 2001", "tags": "algebra, easy"},
+    )
+    problem.refresh_from_db()
+    assert (problem.statement, problem.source, problem.tags) == (
+        "Find $y$.",
+        "AMC 2001",
+        ["algebra", "easy"],
+    )
+
+
+def test_readers_get_no_details_link(client):
+    """The link is offered only to those who may edit (a reviewer reads the problem)."""
+    problem = make_problem(author=make_user("expert"))
+    client.force_login(make_user("reviewer"))
+    detail = client.get(reverse("curation:detail", args=[problem.pk])).content.decode()
+    assert "#details" not in detail and "Edit statement" not in detail

@@ -254,17 +254,54 @@ def test_runner_cancel_stops_at_the_next_progress_report():
     assert job.progress_done == 2
 
 
-def test_eta_uses_this_attempts_rate():
-    job = make_job(
+def _running_job_with_reports(now):
+    """Started 600 s ago (a slow model load); 10 units at the first report 20 s ago, 30 now."""
+    return make_job(
         JobState.RUNNING,
-        progress_done=60,
-        progress_total=100,
-        progress_at_start=50,
-        started_at=timezone.now() - timedelta(seconds=10),
+        progress_done=30,
+        progress_total=130,
+        progress_at_start=0,
+        started_at=now - timedelta(seconds=600),
+        progress_first_at=now - timedelta(seconds=20),
+        progress_first_done=10,
+        progress_at=now,
     )
-    # 10 units in 10 s this attempt, 40 left: about 40 s.
-    assert 38 <= job.eta.total_seconds() <= 42
+
+
+def test_eta_uses_the_rate_since_the_first_progress_report():
+    """Issue 16.6: the rate is 20 units in 20 s, so 100 left take about 100 s; the 600 s of
+    start-up before the first report do not count (the old estimate said 2000 s)."""
+    job = _running_job_with_reports(timezone.now())
+    assert 98 <= job.eta.total_seconds() <= 100
     assert make_job(JobState.QUEUED).eta is None
+    # One report gives no rate yet: "estimating…".
+    job.progress_first_at = job.progress_at
+    assert job.eta is None
+
+
+def test_eta_does_not_grow_with_elapsed_time(monkeypatch):
+    """Between reports the estimate counts down; it never grows while the job works."""
+    now = timezone.now()
+    job = _running_job_with_reports(now)
+    seen = []
+    for later in (0, 15, 30, 60):
+        monkeypatch.setattr(timezone, "now", lambda later=later: now + timedelta(seconds=later))
+        seen.append(job.eta.total_seconds())
+    assert seen == sorted(seen, reverse=True) and seen[0] - seen[-1] == 60, seen
+    monkeypatch.setattr(timezone, "now", lambda: now + timedelta(seconds=500))
+    assert job.eta.total_seconds() == 0
+
+
+def test_a_new_attempt_measures_its_own_rate():
+    """The runner records the first report beyond where the attempt started and the last one;
+    claiming a retry clears them, so a new attempt does not inherit the old rate."""
+    job = _run_inline("test_counting")
+    assert job.progress_first_done == 1
+    assert job.progress_first_at is not None and job.progress_at >= job.progress_first_at
+    Job.objects.filter(pk=job.pk).update(state=JobState.QUEUED, task_id="again")
+    claimed = runner.job_claim(job_id=job.pk, task_id="again", hostname="inline@test")
+    assert claimed.progress_first_at is None and claimed.progress_at is None
+    assert claimed.progress_first_done == claimed.progress_done == 3
 
 
 def test_log_tail_is_bounded(settings):

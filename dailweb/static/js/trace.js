@@ -21,9 +21,14 @@
     if (lp[1] === null || lp[2] === null) return 0;
     return lp[2] - lp[1];
   }
+  // The palette and its strongest alpha are app.css's (--heat-*), which says why they are safe.
+  var palette = getComputedStyle(document.documentElement);
+  var POS = palette.getPropertyValue("--heat-pos-rgb").trim() || "230, 97, 0";
+  var NEG = palette.getPropertyValue("--heat-neg-rgb").trim() || "0, 114, 178";
+  var MAX_ALPHA = Number(palette.getPropertyValue("--heat-max-alpha")) || 0.7;
   function colour(d) {
-    var a = Math.min(Math.abs(d) / SCALE, 1) * 0.85;
-    return d >= 0 ? "rgba(214, 48, 39, " + a + ")" : "rgba(49, 104, 181, " + a + ")";
+    var a = Math.min(Math.abs(d) / SCALE, 1) * MAX_ALPHA;
+    return "rgba(" + (d >= 0 ? POS : NEG) + ", " + a + ")";
   }
   function groupOf(el) {
     var i = Number(el.dataset.i), j = el.dataset.j !== undefined ? Number(el.dataset.j) : i;
