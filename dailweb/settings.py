@@ -279,8 +279,8 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_PUBLISH_RETRY = False
 CELERY_BROKER_CONNECTION_TIMEOUT = 3
 CELERY_BEAT_SCHEDULE = {
-    "fail-stale-jobs": {
-        "task": "dailweb.jobs.tasks.fail_stale_jobs",
+    "sweep-jobs": {
+        "task": "dailweb.jobs.tasks.sweep_jobs",
         "schedule": env_int("DAIL_JOB_SWEEP_SECONDS", 30),
         "options": {"queue": "default", "expires": 25},
     },
@@ -293,6 +293,11 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(RUN_DIR / "celerybeat-schedule")
 JOB_HEARTBEAT_SECONDS = env_int("DAIL_JOB_HEARTBEAT_SECONDS", 5)
 JOB_STALE_SECONDS = env_int("DAIL_JOB_STALE_SECONDS", 60)
 JOB_LOG_MAX_CHARS = 64_000
+# A job queued this long while a live worker of its queue had nothing to run lost its message
+# (the broker lost it, or a worker dropped it): the sweep sends it again, at most
+# JOB_RESEND_MAX times per attempt, then fails it with that reason.
+JOB_QUEUED_LOST_SECONDS = env_int("DAIL_JOB_QUEUED_LOST_SECONDS", 180)
+JOB_RESEND_MAX = env_int("DAIL_JOB_RESEND_MAX", 3)
 # Each worker writes a heartbeat row (dailweb.jobs.health); one older than the stale delay is a
 # worker that died: pages then say that its queue has no worker.
 WORKER_HEARTBEAT_SECONDS = env_int("DAIL_WORKER_HEARTBEAT_SECONDS", 10)

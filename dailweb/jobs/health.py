@@ -100,12 +100,14 @@ def system_health() -> SystemHealth:
     return SystemHealth(broker_status(), queues)
 
 
-def worker_heartbeat_record(*, hostname: str, queues: list[str]) -> None:
-    """Say that worker `hostname` (consuming `queues`) is alive now."""
-    WorkerHeartbeat.objects.update_or_create(
-        hostname=hostname[:200],
-        defaults={"queues": sorted(queues), "pid": os.getpid(), "seen_at": timezone.now()},
-    )
+def worker_heartbeat_record(
+    *, hostname: str, queues: list[str], started_at: datetime | None = None
+) -> None:
+    """Say that worker `hostname` (consuming `queues`, started at `started_at`) is alive now."""
+    defaults = {"queues": sorted(queues), "pid": os.getpid(), "seen_at": timezone.now()}
+    if started_at is not None:  # a worker restarted after a crash reuses its row
+        defaults["started_at"] = started_at
+    WorkerHeartbeat.objects.update_or_create(hostname=hostname[:200], defaults=defaults)
 
 
 def worker_heartbeat_remove(*, hostname: str) -> None:

@@ -56,6 +56,10 @@ class Job(models.Model):
 
     task_id = models.CharField(max_length=64, blank=True, db_index=True)
     attempt = models.PositiveIntegerField(default=1)
+    # When this attempt's message was last sent to the broker (launch, retry or a re-send by
+    # the sweep), and how many times the sweep re-sent it because it never reached a worker.
+    published_at = models.DateTimeField(null=True, blank=True)
+    resends = models.PositiveIntegerField(default=0)
     worker_hostname = models.CharField(max_length=200, blank=True)
     worker_pid = models.PositiveIntegerField(null=True, blank=True)
     cancel_requested = models.BooleanField(default=False)

@@ -33,7 +33,10 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_WRITE_INTERVAL = 0.5  # seconds between progress writes
 CANCEL_CHECK_INTERVAL = 1.0  # seconds between reads of the cancel flag
-CLAIM_WAIT_SECONDS = 10.0  # how long a task waits for its row to be committed
+# How long a task waits for its row to appear. Messages are sent after the launch commits
+# (`services._publish_on_commit`), so the row is normally there; the wait only covers messages
+# published by an older version that sent them inside the launching transaction.
+CLAIM_WAIT_SECONDS = 10.0
 DB_OUTAGE_SECONDS = 90.0  # how long claiming / finishing a row waits for the database
 DB_ERRORS = (OperationalError, InterfaceError)
 
@@ -201,7 +204,7 @@ def job_claim(*, job_id: int, task_id: str, hostname: str) -> Job | None:
         if time.monotonic() > deadline:
             logger.warning("job %s does not exist; task %s dropped", job_id, task_id)
             return None
-        time.sleep(0.2)  # the launching transaction may not have committed yet
+        time.sleep(0.2)  # see CLAIM_WAIT_SECONDS
 
 
 def _process_alive(pid: int) -> bool:
@@ -251,6 +254,9 @@ def failure_message(exc: BaseException) -> str:
 
 
 def _claim_locked(job: Job, task_id: str, hostname: str) -> Job | None:
+    # Only the copy that finds the row queued (under the row lock) runs it: a second message
+    # with the same task id (a redelivery, or a re-send by `services.job_resend_lost`) finds it
+    # running or finished and does nothing to it.
     if job.task_id != task_id:
         logger.info("task %s is superseded by attempt %s of job %s", task_id, job.attempt, job.pk)
         return None

@@ -10,6 +10,7 @@ import threading
 from celery.signals import worker_ready, worker_shutdown
 from django.conf import settings
 from django.db import connection
+from django.utils import timezone
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class _WorkerHeartbeatThread(threading.Thread):
         super().__init__(name="worker-heartbeat", daemon=True)
         self.hostname = hostname
         self.queues = queues
+        self.started_at = timezone.now()
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -46,7 +48,9 @@ class _WorkerHeartbeatThread(threading.Thread):
 
         while True:
             try:
-                worker_heartbeat_record(hostname=self.hostname, queues=self.queues)
+                worker_heartbeat_record(
+                    hostname=self.hostname, queues=self.queues, started_at=self.started_at
+                )
             except Exception:  # the database is away: try again at the next beat
                 logger.warning("worker heartbeat of %s not written", self.hostname, exc_info=True)
             finally:

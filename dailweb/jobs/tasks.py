@@ -13,7 +13,9 @@ def run_job(self, job_id: int) -> None:
     runner.job_execute(job_id=job_id, task_id=self.request.id, hostname=self.request.hostname)
 
 
-@shared_task(name="dailweb.jobs.tasks.fail_stale_jobs", ignore_result=True)
-def fail_stale_jobs() -> list[int]:
-    """Periodic (celery beat): fail running jobs whose worker stopped its heartbeat."""
-    return services.job_fail_stale()
+@shared_task(name="dailweb.jobs.tasks.sweep_jobs", ignore_result=True)
+def sweep_jobs() -> None:
+    """Periodic (celery beat): fail running jobs whose worker stopped its heartbeat, and send
+    again (or fail) queued jobs whose message never reached a worker."""
+    services.job_fail_stale()
+    services.job_resend_lost()

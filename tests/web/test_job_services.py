@@ -5,12 +5,15 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from amqp.exceptions import ChannelError
+from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from dailweb.celery import app
 from dailweb.errors import ConflictError, DomainError, ServiceUnavailableError
-from dailweb.jobs import runner, services
-from dailweb.jobs.models import Job, JobState
+from dailweb.jobs import health, runner, services
+from dailweb.jobs.models import Job, JobState, WorkerHeartbeat
 from dailweb.jobs.registry import JobKind, register_job_kind
 from tests.factories import make_job, make_user
 
@@ -19,7 +22,10 @@ pytestmark = pytest.mark.django_db
 
 def queued_messages(queue: str = "default") -> int:
     with app.connection_for_write() as connection:
-        return connection.default_channel.queue_declare(queue, passive=True).message_count
+        try:
+            return connection.default_channel.queue_declare(queue, passive=True).message_count
+        except ChannelError:  # Redis: an empty queue does not exist
+            return 0
 
 
 @pytest.fixture
@@ -28,24 +34,54 @@ def broker(broker_url, clean_queues):
 
 
 @pytest.fixture
-def broken_broker(settings):
+def broken_broker(settings, monkeypatch):
     """Point the Celery app at a broker that is not there."""
+    monkeypatch.setattr(health, "_probe_cache", None)  # restored after: no "down" left cached
     original = app.conf.broker_url
     app.conf.broker_url = "redis://127.0.0.1:1/0"
     yield
     app.conf.broker_url = original
 
 
-def test_launch_creates_a_queued_job_and_a_message(broker):
+def test_launch_creates_a_queued_job_and_a_message(broker, django_capture_on_commit_callbacks):
     admin = make_user("admin")
-    job = services.job_launch(
-        kind="worker_check", launched_by=admin, params={"steps": 2, "seconds_per_step": 0}
-    )
+    with django_capture_on_commit_callbacks(execute=True):
+        job = services.job_launch(
+            kind="worker_check", launched_by=admin, params={"steps": 2, "seconds_per_step": 0}
+        )
+        assert queued_messages("default") == 0  # sent when the transaction commits
     assert job.state == JobState.QUEUED
     assert job.launched_by == admin
     assert job.queue == "default"
     assert "queued on 'default' by" in job.log
     assert queued_messages("default") == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rolled_back_launch_publishes_nothing(broker):
+    """A launch service that fails after `job_launch` (in its own transaction) leaves neither
+    a row nor a message a worker would look for in vain."""
+    with pytest.raises(RuntimeError, match="after the launch"), transaction.atomic():
+        services.job_launch(kind="worker_check", launched_by=None, params={})
+        raise RuntimeError("the caller failed after the launch")
+    assert Job.objects.count() == 0
+    assert queued_messages("default") == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_broker_lost_between_launch_and_commit_fails_the_job_with_the_reason(broker):
+    original = app.conf.broker_url
+    try:
+        with transaction.atomic():
+            job = services.job_launch(kind="worker_check", launched_by=None, params={})
+            app.conf.broker_url = "redis://127.0.0.1:1/0"  # the broker goes away before commit
+    finally:
+        app.conf.broker_url = original
+    job.refresh_from_db()
+    assert job.state == JobState.FAILED and job.finished_at is not None
+    assert "could not be reached when this job was queued" in job.error
+    assert "Retry the job when it is back" in job.error and job.can_retry
+    assert job.error in job.log
 
 
 def test_launch_with_broker_down_creates_nothing_and_says_why(broken_broker):
@@ -84,10 +120,12 @@ def test_cancel_finished_job_is_refused():
         services.job_cancel(job_id=job.pk, by=None)
 
 
-def test_retry_failed_job_requeues_with_a_new_task(broker):
-    job = make_job(JobState.FAILED, error="boom", progress_done=5, progress_total=10)
+def test_retry_failed_job_requeues_with_a_new_task(broker, django_capture_on_commit_callbacks):
+    job = make_job(JobState.FAILED, error="boom", progress_done=5, progress_total=10, resends=3)
     old_task = job.task_id
-    job = services.job_retry(job_id=job.pk, by=None)
+    with django_capture_on_commit_callbacks(execute=True):
+        job = services.job_retry(job_id=job.pk, by=None)
+    assert job.resends == 0  # a new attempt gets its own re-sends
     assert job.state == JobState.QUEUED
     assert job.attempt == 2
     assert job.task_id != old_task
@@ -126,6 +164,114 @@ def test_stale_running_jobs_are_failed_with_the_reason(settings):
     assert "gpu@box stopped sending heartbeats" in stale.error
     assert stale.can_retry
     assert fresh.state == JobState.RUNNING
+
+
+# --- The sweep: queued jobs whose message never reached a worker ---------------------------
+
+
+def _worker(hostname="w@box", queues=("default",), started_ago=3600, seen_ago=0):
+    now = timezone.now()
+    return WorkerHeartbeat.objects.create(
+        hostname=hostname,
+        queues=list(queues),
+        started_at=now - timedelta(seconds=started_ago),
+        seen_at=now - timedelta(seconds=seen_ago),
+    )
+
+
+def _queued_for(seconds: float, **fields) -> Job:
+    return make_job(
+        JobState.QUEUED, published_at=timezone.now() - timedelta(seconds=seconds), **fields
+    )
+
+
+def test_a_lost_queued_job_is_sent_again_once_with_its_task_id(
+    broker, settings, django_capture_on_commit_callbacks
+):
+    _worker()
+    lost = _queued_for(settings.JOB_QUEUED_LOST_SECONDS + 5)
+    recent = _queued_for(settings.JOB_QUEUED_LOST_SECONDS - 30)
+    with django_capture_on_commit_callbacks(execute=True):
+        swept = services.job_resend_lost()
+    assert swept == services.LostJobs(resent=[lost.pk], failed=[])
+    lost.refresh_from_db()
+    assert lost.state == JobState.QUEUED and lost.resends == 1
+    assert "message re-sent (1 of 3): queued" in lost.log and "idle worker (w@box)" in lost.log
+    with app.connection_for_write() as connection:
+        message = connection.default_channel.basic_get("default", no_ack=True)
+    assert message.headers["id"] == lost.task_id  # the same task: a duplicate is a no-op
+    assert queued_messages("default") == 0
+    # The next sweep waits a full threshold again before it counts the job as lost.
+    assert services.job_resend_lost() == services.LostJobs([], [])
+    assert Job.objects.get(pk=recent.pk).resends == 0
+
+
+def test_a_queued_job_behind_a_busy_or_absent_worker_is_left_alone(settings):
+    old = settings.JOB_QUEUED_LOST_SECONDS + 60
+    _worker("busy@box", queues=("gpu",))
+    make_job(JobState.RUNNING, queue="gpu", worker_hostname="busy@box")
+    waiting_for_gpu = _queued_for(old, queue="gpu")
+    _worker("gone@box", queues=("default",), seen_ago=settings.WORKER_STALE_SECONDS + 5)
+    no_live_worker = _queued_for(old, queue="default")
+    assert services.job_resend_lost() == services.LostJobs([], [])
+    for job in (waiting_for_gpu, no_live_worker):
+        job.refresh_from_db()
+        assert job.state == JobState.QUEUED and job.resends == 0 and "re-sent" not in job.log
+
+
+def test_the_wait_counts_from_when_the_worker_became_idle(settings):
+    """A worker that just finished a job (or just started) may still be fetching the next
+    message: a job that waited behind the previous one is not lost yet."""
+    _worker("gpu@box", queues=("gpu",))
+    previous = make_job(
+        JobState.SUCCEEDED,
+        queue="gpu",
+        worker_hostname="gpu@box",
+        finished_at=timezone.now() - timedelta(seconds=10),
+    )
+    fresh = _worker("fresh@box", queues=("default",), started_ago=10)
+    behind = _queued_for(settings.JOB_QUEUED_LOST_SECONDS * 10, queue="gpu")
+    on_fresh = _queued_for(settings.JOB_QUEUED_LOST_SECONDS * 10, queue="default")
+    assert services.job_resend_lost() == services.LostJobs([], [])
+    # Idle for the whole threshold: now they are lost.
+    idle = timedelta(seconds=settings.JOB_QUEUED_LOST_SECONDS)
+    Job.objects.filter(pk=previous.pk).update(finished_at=F("finished_at") - idle)
+    WorkerHeartbeat.objects.filter(pk=fresh.pk).update(started_at=F("started_at") - idle)
+    swept = services.job_resend_lost()
+    assert sorted(swept.resent) == sorted([behind.pk, on_fresh.pk])
+
+
+def test_a_worker_restarted_after_a_crash_counts_as_just_started(settings):
+    _worker("w@box", started_ago=3600, seen_ago=settings.WORKER_STALE_SECONDS + 5)  # left behind
+    job = _queued_for(settings.JOB_QUEUED_LOST_SECONDS * 10)
+    health.worker_heartbeat_record(hostname="w@box", queues=["default"], started_at=timezone.now())
+    assert services.job_resend_lost() == services.LostJobs([], [])
+    assert Job.objects.get(pk=job.pk).resends == 0
+
+
+def test_a_job_cancelled_while_queued_is_not_sent_again(settings):
+    _worker()
+    job = _queued_for(settings.JOB_QUEUED_LOST_SECONDS + 5)
+    services.job_cancel(job_id=job.pk, by=None)
+    assert services.job_resend_lost() == services.LostJobs([], [])
+    assert Job.objects.get(pk=job.pk).state == JobState.CANCELLED
+
+
+def test_a_job_still_lost_after_the_last_resend_is_failed_with_the_reason(settings):
+    settings.JOB_RESEND_MAX = 2
+    _worker()
+    job = _queued_for(settings.JOB_QUEUED_LOST_SECONDS + 5)
+    wait = timedelta(seconds=settings.JOB_QUEUED_LOST_SECONDS + 1)
+    for round_ in range(1, 3):
+        assert services.job_resend_lost().resent == [job.pk]
+        assert Job.objects.get(pk=job.pk).resends == round_
+        # The re-sent message was lost too: a full threshold passes without a worker taking it.
+        Job.objects.filter(pk=job.pk).update(published_at=F("published_at") - wait)
+    assert services.job_resend_lost() == services.LostJobs([], [job.pk])
+    job.refresh_from_db()
+    assert job.state == JobState.FAILED and job.can_retry
+    assert "never reached a worker" in job.error and "after 2 re-sends" in job.error
+    assert job.error in job.log
 
 
 def test_worker_restart_fails_only_its_own_running_jobs():
