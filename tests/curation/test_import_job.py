@@ -160,10 +160,10 @@ def test_cancel_from_the_import_page(client, expert, small_imports, broker_url, 
 def test_a_broker_that_is_down_leaves_no_dataset_and_no_file(
     client, expert, small_imports, monkeypatch
 ):
-    def down(job):
+    def down():
         raise ServiceUnavailableError("The job queue is unreachable, so nothing was launched.")
 
-    monkeypatch.setattr("dailweb.jobs.services._publish", down)
+    monkeypatch.setattr("dailweb.jobs.services._require_broker", down)
     response = post_import(client, lines(5))
     assert response.status_code == 503
     assert "unreachable" in response.content.decode()
