@@ -33,7 +33,10 @@ def humanize_key(key: str) -> str:
 
 
 def format_value(value: Any, *, unit: str = "", empty: str = "none") -> str:
-    """One value as text: yes/no, lists joined, numbers without float noise, a unit after."""
+    """One value as text: yes/no, lists joined, numbers without float noise, a unit after.
+
+    Units are written as English plurals ("tokens", "steps"); a value of exactly 1 takes the
+    singular (the unit without its final "s": "1 step")."""
     if value is None or value == "" or (isinstance(value, list | tuple | dict) and not value):
         return empty
     if isinstance(value, bool):
@@ -46,6 +49,8 @@ def format_value(value: Any, *, unit: str = "", empty: str = "none") -> str:
         text = json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
     else:
         text = str(value)
+    if unit and value == 1 and not isinstance(value, bool) and unit.endswith("s"):
+        unit = unit[:-1]
     return f"{text} {unit}" if unit else text
 
 

@@ -5,7 +5,6 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 from dailweb import views
-from training.urls import training_run_urls
 
 handler403 = "dailweb.views.permission_denied"
 
@@ -21,7 +20,7 @@ urlpatterns = [
     path("problems/", include("curation.urls")),
     path("jobs/", include("dailweb.jobs.urls")),
     path("", include("expansion.urls")),
-    path("evaluations/", include("training.urls")),
-    path("training/", include(training_run_urls)),
+    path("evaluations/", include("training.evaluations.urls")),
+    path("training/", include("training.urls")),
     path("admin/", admin.site.urls),
 ]

@@ -4,6 +4,8 @@ token addressable, and the per-token numbers (as compact JSON for the page's scr
 Tokens and formulas: a formula is typeset whole (KaTeX cannot typeset half a formula), so the
 tokens that make it up form one group (`data-i`..`data-j`), coloured by their largest
 shortcut score; every other token is its own element. The raw view shows each token as it is.
+
+The pinned s~ is shown as the editor shows it (`curation.services.suggestions`), formulas typeset.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from django.utils.safestring import SafeString, mark_safe
 
-from dailweb.rendering import find_math_spans, render_tex
+from curation.services.suggestions import partial_solution_html, partial_solution_text
+from curation.spans import Span
+from dailweb.rendering import find_math_spans, render_inline, render_tex
 from expansion.engine.tokenizer_cache import cached_tokenizer
 from expansion.engine.trace_format import TraceArrays
 
@@ -134,3 +139,14 @@ def trace_display(trace: TraceArrays, tokenizer) -> TraceDisplay:
     return TraceDisplay(
         html=body, data_json=payload, tokens=len(trace), bytes=len(payload) + len(body)
     )
+
+
+def pinned_partial_solution_html(
+    *, pinned: str, body: str, answer: str, waypoints: Sequence[Span]
+) -> SafeString:
+    """The s~ a run pinned, with its answer and waypoints typeset as the editor shows them,
+    when the solution version's waypoints still give that s~; otherwise (edited after the
+    run) the pinned text itself with its `$…$` formulas typeset."""
+    if partial_solution_text(body=body, answer=answer, spans=waypoints) == pinned:
+        return partial_solution_html(body=body, answer=answer, spans=waypoints)
+    return render_inline(pinned)

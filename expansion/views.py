@@ -13,6 +13,7 @@ from django.template.defaultfilters import pluralize
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
+from curation.spans import Span
 from dailweb.errors import DomainError
 from dailweb.forms import plain_id
 from dailweb.rendering import render_markdown, render_source_with_math
@@ -25,7 +26,7 @@ from expansion.services import base_model_dir, embedded_model_status
 from expansion.services import review as review_services
 from expansion.services import runs as run_services
 from expansion.services.whatif import trace_whatif_text
-from expansion.trace_display import tokenizer_for, trace_display
+from expansion.trace_display import pinned_partial_solution_html, tokenizer_for, trace_display
 
 REVIEWERS = (Role.REVIEWER, Role.ADMIN)
 TRACES_PER_PAGE = 50
@@ -226,6 +227,7 @@ def _trace_context(request: HttpRequest, trace: Trace) -> dict:
     waypoints = list(version.waypoints.order_by("order"))
     verdicts = list(trace.verdicts.select_related("reviewer"))
     previous_id, next_id = selectors.trace_neighbours(trace)
+    run_problem = trace.run_problem
     return {
         "trace": trace,
         "problem": trace.run_problem.problem,
@@ -233,6 +235,12 @@ def _trace_context(request: HttpRequest, trace: Trace) -> dict:
         "statement": render_markdown(trace.run_problem.problem.statement),
         "solution": render_source_with_math(version.body, [(w.start, w.end) for w in waypoints]),
         "waypoints": [version.body[w.start : w.end] for w in waypoints],
+        "partial_solution_html": pinned_partial_solution_html(
+            pinned=run_problem.partial_solution,
+            body=version.body,
+            answer=run_problem.answer,
+            waypoints=[Span(w.start, w.end, w.origin) for w in waypoints],
+        ),
         "whatif_text": trace_whatif_text(trace=trace),
         "verdicts": verdicts,
         "agreement": selectors.trace_agreement(verdicts),

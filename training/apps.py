@@ -2,10 +2,13 @@ from django.apps import AppConfig
 
 
 class TrainingConfig(AppConfig):
-    """The contrastive objective and LoRA trainer (engine/), training and evaluation jobs."""
+    """The contrastive objective and LoRA trainer (engine/), training runs, and evaluations
+    (evaluations/: their own views, URLs, forms, selectors, services and job)."""
 
     name = "training"
     verbose_name = "Training"
 
     def ready(self) -> None:
-        from training import jobs  # noqa: F401  (registers job kinds)
+        # Registers the job kinds: training runs, and evaluations.
+        from training import jobs  # noqa: F401
+        from training.evaluations import jobs as evaluation_jobs  # noqa: F401

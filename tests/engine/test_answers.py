@@ -142,7 +142,7 @@ def test_expansion_and_evaluation_agree_on_every_champ_answer():
     expansion, and judged correct by evaluation. Before the checkers were merged, expansion's
     plain check rejected the alternatives of up to 52 problems that evaluation accepted."""
     from expansion.engine.answers import answer_alternatives
-    from training.services import evaluation as evaluation_services
+    from training.evaluations import services as evaluation_services
 
     answers = _champ_answers()
     assert len(answers) >= 250

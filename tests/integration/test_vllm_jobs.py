@@ -26,8 +26,8 @@ from expansion.models import ReviewState, Trace
 from expansion.services.runs import RunSettings, expansion_run_launch
 from tests.conftest import wait_for
 from tests.factories import make_user
+from training.evaluations.services import EvaluationSettings, ProblemSetChoice, evaluation_launch
 from training.models import Evaluation, EvaluationSample, TrainingRun
-from training.services.evaluation import EvaluationSettings, ProblemSetChoice, evaluation_launch
 from training.services.training import TrainingSettings, training_run_launch
 
 pytestmark = [

@@ -12,7 +12,7 @@ from dailweb.jobs.models import JobState
 from dailweb.jobs.services import job_cancel, job_retry
 from tests.conftest import wait_for
 from tests.factories import make_dataset, make_problem, make_user
-from training import selectors
+from training.evaluations import selectors
 from training.models import Evaluation, EvaluationSample
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -34,7 +34,7 @@ def test_evaluation_runs_on_a_worker_cancels_resumes_and_reports(
     admin = make_user("admin")
     client.force_login(admin)
     response = client.post(
-        reverse("training:launch"),
+        reverse("evaluations:launch"),
         {
             "name": "SmolLM2 smoke",
             "base_model_path": str(embedded_model_dir),
@@ -94,7 +94,7 @@ def test_evaluation_runs_on_a_worker_cancels_resumes_and_reports(
     within_16 = sum(s.auto_correct and s.token_count <= 16 for s in samples)
     assert result.metrics.by_budget[16].overall[1].value == pytest.approx(within_16 / 12)
     page = client.get(
-        reverse("training:detail", kwargs={"evaluation_id": evaluation.pk})
+        reverse("evaluations:detail", kwargs={"evaluation_id": evaluation.pk})
     ).content.decode()
     assert f"{correct} of 12 samples correct" in page
     assert "pass@4" in page

@@ -13,10 +13,9 @@ from dailweb.jobs.models import Job
 from tests.factories import make_dataset, make_problem, make_user
 from tests.training.conftest import write_adapter
 from tests.training.factories import make_evaluation
-from training import selectors
 from training.engine import evaluation as engine
+from training.evaluations import selectors, services
 from training.models import Evaluation, EvaluationSample
-from training.services import evaluation as services
 
 pytestmark = pytest.mark.django_db
 

@@ -47,7 +47,7 @@ def launch_data(dataset, base, **overrides) -> dict:
 
 
 def test_launch_form_offers_vllm_where_it_is_installed():
-    body = client_for("admin").get(reverse("training:launch")).content.decode()
+    body = client_for("admin").get(reverse("evaluations:launch")).content.decode()
     assert '<option value="vllm">vLLM (with LoRA adapters)</option>' in body
     assert "cannot run here" not in body
 
@@ -58,7 +58,7 @@ def test_launch_form_shows_why_vllm_cannot_be_chosen(monkeypatch):
     monkeypatch.setattr(
         backend_vllm, "vllm_unavailable_reason", lambda: "vLLM is not installed here"
     )
-    for url in (reverse("training:launch"), reverse("expansion:run_launch")):
+    for url in (reverse("evaluations:launch"), reverse("expansion:run_launch")):
         response = client_for("admin").get(url)
         assert response.status_code == 200
         body = response.content.decode()
@@ -70,7 +70,7 @@ def test_launch_refuses_k_larger_than_n_at_the_form(tiny_model_path):
     dataset = make_dataset()
     make_problem(dataset=dataset)
     response = client_for("admin").post(
-        reverse("training:launch"), launch_data(dataset, tiny_model_path, ks="1, 8")
+        reverse("evaluations:launch"), launch_data(dataset, tiny_model_path, ks="1, 8")
     )
     assert response.status_code == 400
     assert "k = 8 is larger than n = 4" in response.content.decode()
@@ -81,14 +81,14 @@ def test_launch_maps_service_refusals_to_form_errors(tiny_model_path, tmp_path):
     dataset = make_dataset(kind="proof")
     make_problem(dataset=dataset, answer="")
     client = client_for("admin")
-    response = client.post(reverse("training:launch"), launch_data(dataset, tiny_model_path))
+    response = client.post(reverse("evaluations:launch"), launch_data(dataset, tiny_model_path))
     assert response.status_code == 400
     assert "pass@k needs problems with verifiable final answers" in response.content.decode()
     verifiable = make_dataset()
     make_problem(dataset=verifiable)
     missing = tmp_path / "no-such-adapter"
     response = client.post(
-        reverse("training:launch"),
+        reverse("evaluations:launch"),
         launch_data(verifiable, tiny_model_path, adapter_path=str(missing)),
     )
     assert response.status_code == 400
@@ -100,12 +100,12 @@ def test_launch_creates_the_evaluation_and_its_job(tiny_model_path, broker_url, 
     dataset = make_dataset()
     make_problem(dataset=dataset)
     response = client_for("admin").post(
-        reverse("training:launch"), launch_data(dataset, tiny_model_path)
+        reverse("evaluations:launch"), launch_data(dataset, tiny_model_path)
     )
     evaluation = Evaluation.objects.get()
     assert response.status_code == 302
     assert response["Location"] == reverse(
-        "training:detail", kwargs={"evaluation_id": evaluation.pk}
+        "evaluations:detail", kwargs={"evaluation_id": evaluation.pk}
     )
     assert evaluation.job.state == "queued" and evaluation.budgets == [8, 16]
 
@@ -114,7 +114,7 @@ def test_detail_tells_plainly_what_the_model_did():
     evaluation = make_evaluation(problems=2, samples=2, correct=lambda p, s: False)
     body = (
         client_for("reviewer")
-        .get(reverse("training:detail", kwargs={"evaluation_id": evaluation.pk}))
+        .get(reverse("evaluations:detail", kwargs={"evaluation_id": evaluation.pk}))
         .content.decode()
     )
     assert "0 of 4 samples correct (0.0 %)" in body
@@ -125,7 +125,7 @@ def test_detail_tells_plainly_what_the_model_did():
 def test_detail_polls_while_running_and_reloads_once_finished():
     running = make_evaluation(job_state="running")
     client = client_for("admin")
-    url = reverse("training:detail", kwargs={"evaluation_id": running.pk})
+    url = reverse("evaluations:detail", kwargs={"evaluation_id": running.pk})
     partial = client.get(url, headers={"HX-Request": "true"})
     assert 'hx-trigger="every 2s"' in partial.content.decode() and "HX-Refresh" not in partial
     running.job.state = "succeeded"
@@ -138,7 +138,7 @@ def test_comparison_has_chart_data_tables_and_warnings():
     first = make_evaluation(problems=2, samples=2, name="base")
     second = make_evaluation(problems=2, samples=2, name="tuned", correct=lambda p, s: True)
     response = client_for("reviewer").get(
-        reverse("training:compare") + f"?ids={first.pk}&ids={second.pk}"
+        reverse("evaluations:compare") + f"?ids={first.pk}&ids={second.pk}"
     )
     body = response.content.decode()
     assert response.status_code == 200
@@ -169,7 +169,7 @@ def test_chart_js_is_served_from_our_static_files():
 def test_exports_csv_and_json():
     evaluation = make_evaluation(problems=2, samples=2)
     client = client_for("reviewer")
-    url = reverse("training:export")
+    url = reverse("evaluations:export")
     response = client.get(url + f"?ids={evaluation.pk}&format=csv")
     assert response["Content-Type"] == "text/csv"
     rows = list(csv.DictReader(io.StringIO(response.content.decode())))
@@ -188,13 +188,15 @@ def test_drill_down_renders_samples_with_math_and_records_a_ruling():
     )
     problem = Problem.objects.get(pk=evaluation.problems.get().problem_id)
     client = client_for("reviewer")
-    url = reverse("training:problem", kwargs={"problem_id": problem.pk}) + f"?ids={evaluation.pk}"
+    url = (
+        reverse("evaluations:problem", kwargs={"problem_id": problem.pk}) + f"?ids={evaluation.pk}"
+    )
     body = client.get(url).content.decode()
     assert "<math" in body  # $x = 3$ typeset by KaTeX on the server
     assert "checkers disagree" in body and "Sample 2" in body
     flagged = EvaluationSample.objects.get(sample_index=1)
     response = client.post(
-        reverse("training:rule", kwargs={"sample_id": flagged.pk}),
+        reverse("evaluations:rule", kwargs={"sample_id": flagged.pk}),
         {"ruling": "incorrect", "note": "boxed the wrong thing", "next": url},
     )
     assert response.status_code == 302 and response["Location"] == f"{url}#sample-{flagged.pk}"
@@ -207,11 +209,11 @@ def test_drill_down_renders_samples_with_math_and_records_a_ruling():
     assert "Ruled incorrect by" in client.get(url).content.decode()
     # An outside address in `next` is ignored.
     response = client.post(
-        reverse("training:rule", kwargs={"sample_id": flagged.pk}),
+        reverse("evaluations:rule", kwargs={"sample_id": flagged.pk}),
         {"ruling": "", "next": "https://evil.example/"},
     )
     assert response["Location"].startswith(
-        reverse("training:problem", kwargs={"problem_id": problem.pk})
+        reverse("evaluations:problem", kwargs={"problem_id": problem.pk})
     )
 
 
@@ -219,10 +221,12 @@ def test_experts_cannot_read_evaluations():
     evaluation = make_evaluation()
     client = client_for("expert")
     assert (
-        client.get(reverse("training:detail", kwargs={"evaluation_id": evaluation.pk})).status_code
+        client.get(
+            reverse("evaluations:detail", kwargs={"evaluation_id": evaluation.pk})
+        ).status_code
         == 403
     )
-    assert client.get(reverse("training:list")).status_code == 403
+    assert client.get(reverse("evaluations:list")).status_code == 403
 
 
 def test_the_protocol_is_chosen_on_the_form_and_shown_on_the_pages(
@@ -231,18 +235,18 @@ def test_the_protocol_is_chosen_on_the_form_and_shown_on_the_pages(
     dataset = make_dataset()
     make_problem(dataset=dataset)
     client = client_for("admin")
-    form = client.get(reverse("training:launch")).content.decode()
+    form = client.get(reverse("evaluations:launch")).content.decode()
     assert 'name="protocol"' in form and "eval/eval.py" in form
     response = client.post(
-        reverse("training:launch"), launch_data(dataset, tiny_model_path, protocol="release")
+        reverse("evaluations:launch"), launch_data(dataset, tiny_model_path, protocol="release")
     )
     assert response.status_code == 302, response.content.decode()[-2000:]
     evaluation = Evaluation.objects.get()
     assert evaluation.protocol == "release"
-    detail = client.get(reverse("training:detail", args=[evaluation.pk])).content.decode()
+    detail = client.get(reverse("evaluations:detail", args=[evaluation.pk])).content.decode()
     assert 'data-testid="protocol-setting"' in detail and "presence_penalty=1.5" in detail
     plain = make_evaluation(problems=1, samples=2)
     compare = client.get(
-        reverse("training:compare") + f"?ids={plain.pk}&ids={evaluation.pk}"
+        reverse("evaluations:compare") + f"?ids={plain.pk}&ids={evaluation.pk}"
     ).content.decode()
     assert "Not comparable: the evaluations used different sampling protocols" in compare

@@ -87,7 +87,7 @@ def _training_data(model_dir) -> dict:
 
 
 def _evaluation_data(model_dir) -> dict:
-    from training.forms import EvaluationLaunchForm
+    from training.evaluations.forms import EvaluationLaunchForm
 
     dataset = make_dataset()
     make_problem(dataset=dataset)
@@ -122,15 +122,15 @@ LAUNCH_FORMS = [
     ),
     LaunchForm(
         "training run",
-        "training_runs:launch",
+        "training:launch",
         _form("training.forms.TrainingLaunchForm"),
         _training_data,
         _launched("training.TrainingRun"),
     ),
     LaunchForm(
         "evaluation",
-        "training:launch",
-        _form("training.forms.EvaluationLaunchForm"),
+        "evaluations:launch",
+        _form("training.evaluations.forms.EvaluationLaunchForm"),
         _evaluation_data,
         _launched("training.Evaluation"),
     ),
@@ -281,6 +281,7 @@ def test_a_seed_at_its_limit_is_launched_and_stored_as_given(name, field, queue,
 
 def test_every_integer_field_of_every_form_is_strict():
     """Forms anywhere in the project: none falls back to Django's lenient IntegerField."""
+    import training.evaluations.forms  # noqa: F401
     import training.forms  # noqa: F401
 
     def subclasses(cls):
@@ -323,8 +324,8 @@ def test_every_integer_field_of_every_form_is_strict():
         "jobs:launch model_prepare",
         "jobs:launch worker_check",
         "expansion:run_launch",
+        "evaluations:launch",
         "training:launch",
-        "training_runs:launch",
     ],
 )
 def test_an_empty_post_to_a_launch_url_launches_nothing(url, queue):

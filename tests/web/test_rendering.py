@@ -200,7 +200,8 @@ def test_pages_showing_a_problem_with_marker_text_load(client):
             HTTP_HX_REQUEST="true",
         ),
         client.get(
-            reverse("training:problem", kwargs={"problem_id": problem.pk}) + f"?ids={evaluation.pk}"
+            reverse("evaluations:problem", kwargs={"problem_id": problem.pk})
+            + f"?ids={evaluation.pk}"
         ),
     ]
     for response in pages:

@@ -55,20 +55,20 @@ URL_KWARGS = {
     },
     "expansion:span_delete": lambda user: _span_kwargs(user),
     "expansion:whatif": lambda user: {"trace_id": make_run(problems=1, samples=1).traces.get().pk},
-    "training:detail": lambda user: {"evaluation_id": make_evaluation().pk},
-    "training:cancel": lambda user: {"evaluation_id": make_evaluation(job_state="running").pk},
-    "training:retry": lambda user: {"evaluation_id": make_evaluation(job_state="failed").pk},
-    "training:problem": lambda user: {"problem_id": make_evaluation().problems.first().problem_id},
-    "training:rule": lambda user: {
+    "evaluations:detail": lambda user: {"evaluation_id": make_evaluation().pk},
+    "evaluations:cancel": lambda user: {"evaluation_id": make_evaluation(job_state="running").pk},
+    "evaluations:retry": lambda user: {"evaluation_id": make_evaluation(job_state="failed").pk},
+    "evaluations:problem": lambda user: {
+        "problem_id": make_evaluation().problems.first().problem_id
+    },
+    "evaluations:rule": lambda user: {
         "sample_id": make_evaluation().problems.first().samples.first().pk
     },
-    "training_runs:detail": lambda user: {"training_run_id": make_training_run().pk},
-    "training_runs:metrics": lambda user: {"training_run_id": make_training_run().pk},
-    "training_runs:cancel": lambda user: {"training_run_id": make_training_run().pk},
-    "training_runs:retry": lambda user: {
-        "training_run_id": make_training_run(job_state="failed").pk
-    },
-    "training_runs:download": lambda user: {"training_run_id": make_training_run().pk},
+    "training:detail": lambda user: {"training_run_id": make_training_run().pk},
+    "training:metrics": lambda user: {"training_run_id": make_training_run().pk},
+    "training:cancel": lambda user: {"training_run_id": make_training_run().pk},
+    "training:retry": lambda user: {"training_run_id": make_training_run(job_state="failed").pk},
+    "training:download": lambda user: {"training_run_id": make_training_run().pk},
 }
 
 

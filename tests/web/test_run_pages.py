@@ -120,18 +120,18 @@ def test_a_running_evaluation_says_how_many_samples_are_drawn():
     EvaluationSample.objects.filter(eval_problem__evaluation=evaluation).delete()
     evaluation.job.progress_done, evaluation.job.progress_total = 2, 4
     evaluation.job.save(update_fields=["progress_done", "progress_total"])
-    page = client_for("reviewer").get(reverse("training:detail", args=[evaluation.pk]))
+    page = client_for("reviewer").get(reverse("evaluations:detail", args=[evaluation.pk]))
     text = text_of(page.content.decode())
     assert "2 of 4 samples drawn" in text and "no samples" not in text
     evaluation.job.state = JobState.FAILED
     evaluation.job.save(update_fields=["state"])
-    page = client_for("reviewer").get(reverse("training:detail", args=[evaluation.pk]))
+    page = client_for("reviewer").get(reverse("evaluations:detail", args=[evaluation.pk]))
     assert "no samples stored" in text_of(page.content.decode())
 
 
 def test_evaluation_plurals():
     evaluation = make_evaluation(problems=1, samples=1)
-    page = client_for("reviewer").get(reverse("training:detail", args=[evaluation.pk]))
+    page = client_for("reviewer").get(reverse("evaluations:detail", args=[evaluation.pk]))
     text = text_of(page.content.decode())
     assert "of 1 sample correct" in text and "of 1 problem solved" in text
     assert "1 samples" not in text and "1 problems" not in text

@@ -154,7 +154,7 @@ class DailTrainingConfig:
     )
     micro_batch_size: int = field(
         default=1,
-        metadata={"help": "Traces per forward pass; must divide effective_batch_size."},
+        metadata={"help": "Traces per forward pass; must divide the effective batch."},
     )
     epochs: int = field(default=3, metadata={"help": "Passes over the data (release: 3 / 5)."})
     max_length: int = field(
@@ -164,8 +164,8 @@ class DailTrainingConfig:
     overlong_policy: OverlongPolicy = field(
         default="truncate",
         metadata={
-            "help": "A trace whose longest view exceeds max_length: 'truncate' its response, "
-            "or 'skip' it. Both are counted in the result."
+            "help": "A trace whose longest view exceeds the maximum length: 'truncate' its "
+            "response, or 'skip' it. Both are counted in the result."
         },
     )
     checkpoint_every: int = field(

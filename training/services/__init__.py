@@ -1,2 +1,2 @@
-"""Training services (writes), by topic: `evaluation` (evaluations: launch, execute, cancel,
-retry, rulings). Training runs will get their own module beside it."""
+"""Training-run services (writes): `training` (plan, launch, execute, cancel, retry, adapter
+archives). Evaluations' services are in training/evaluations/services.py."""
