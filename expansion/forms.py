@@ -12,6 +12,7 @@ from expansion.engine.answers import DEFAULT_KEPT_RULE, KEPT_RULES
 from expansion.engine.rollout import DEFAULT_ROLLOUT_PRESET, ROLLOUT_PRESETS, SEED_MAX
 from expansion.models import Backend, ReviewState
 from expansion.services.models import vllm_launch_refusal
+from expansion.services.runs import DEFAULT_CHUNK_TOKENS, MAX_CHUNK_TOKENS
 
 PRESET_FIELDS = ("tau", "proposer", "temperature", "top_p", "top_k", "max_draws")
 
@@ -76,8 +77,15 @@ class RunLaunchForm(forms.Form):
     max_draws = StrictIntegerField(min_value=1, max_value=100, required=False)
     max_new_tokens = StrictIntegerField(min_value=1, max_value=32768, initial=256)
     seed = StrictIntegerField(min_value=0, max_value=SEED_MAX, initial=0)
-    chunk_problems = StrictIntegerField(
-        min_value=1, max_value=1000, initial=4, label="Problems per chunk"
+    chunk_tokens = StrictIntegerField(
+        min_value=1,
+        max_value=MAX_CHUNK_TOKENS,
+        initial=DEFAULT_CHUNK_TOKENS,
+        label="Work per chunk (tokens)",
+        help_text="Problems × samples × max new tokens in one chunk job, so that every chunk "
+        "takes about as long on any worker. Keep it at least max batch size × max new tokens "
+        "so the engine's batch stays full. This CPU (~60 tokens/s): 65,536 ≈ 18 minutes; a GPU "
+        'with vLLM: millions (see the README, "Sizing chunks").',
     )
     reasoning = forms.BooleanField(
         required=False, help_text="A reasoning model: the assistant turn starts with <think>."

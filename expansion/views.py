@@ -77,7 +77,7 @@ def run_launch(request: HttpRequest) -> HttpResponse:
                         preset=data["preset"],
                         rollout=form.rollout_settings(),
                         kept_rule=data["kept_rule"],
-                        chunk_problems=data["chunk_problems"],
+                        chunk_tokens=data["chunk_tokens"],
                         reasoning=data["reasoning"],
                         require_answers=data["require_answers"],
                     ),

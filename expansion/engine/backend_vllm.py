@@ -78,6 +78,7 @@ from expansion.engine.rollout import (
     SOURCE_LEARNER,
     SOURCE_PRIVILEGED,
     VIEWS,
+    FinishedCallback,
     ProgressCallback,
     RolloutConfig,
     RolloutError,
@@ -476,18 +477,21 @@ class VllmBackend:
         requests: Sequence[RolloutRequest],
         config: RolloutConfig,
         progress: ProgressCallback | None = None,
+        on_finished: FinishedCallback | None = None,
     ) -> list[RolloutResult]:
-        """Expand every request with block drafting (waves of `config.max_batch_size`)."""
-        return self._run(requests, config, progress, per_token=False)
+        """Expand every request with block drafting (waves of `config.max_batch_size`;
+        `on_finished` is called for a wave's requests when the wave ends)."""
+        return self._run(requests, config, progress, on_finished, per_token=False)
 
     def rollout_per_token(
         self,
         requests: Sequence[RolloutRequest],
         config: RolloutConfig,
         progress: ProgressCallback | None = None,
+        on_finished: FinishedCallback | None = None,
     ) -> list[RolloutResult]:
         """Expand every request with the release's loop: one request per token per view."""
-        return self._run(requests, config, progress, per_token=True)
+        return self._run(requests, config, progress, on_finished, per_token=True)
 
     def close(self) -> None:
         """Shut the engine's processes down (the backend is unusable afterwards)."""
@@ -528,6 +532,7 @@ class VllmBackend:
         requests: Sequence[RolloutRequest],
         config: RolloutConfig,
         progress: ProgressCallback | None,
+        on_finished: FinishedCallback | None,
         per_token: bool,
     ) -> list[RolloutResult]:
         config = self.resolve_config(config)
@@ -541,7 +546,10 @@ class VllmBackend:
         for start in range(0, len(requests), config.max_batch_size):
             chunk = list(requests[start : start + config.max_batch_size])
             wave = _Wave(self, chunk, config, stats, report)
-            results.extend(wave.run_per_token() if per_token else wave.run_blocks())
+            finished = wave.run_per_token() if per_token else wave.run_blocks()
+            if on_finished is not None:
+                on_finished([(len(results) + n, result) for n, result in enumerate(finished)])
+            results.extend(finished)
         stats.seconds += time.perf_counter() - started
         return results
 
@@ -570,8 +578,9 @@ class VllmPerTokenBackend:
         requests: Sequence[RolloutRequest],
         config: RolloutConfig,
         progress: ProgressCallback | None = None,
+        on_finished: FinishedCallback | None = None,
     ) -> list[RolloutResult]:
-        results = self.backend.rollout_per_token(requests, config, progress)
+        results = self.backend.rollout_per_token(requests, config, progress, on_finished)
         self.last_stats = self.backend.last_stats
         return results
 

@@ -119,6 +119,29 @@ class SlotLayer(DynamicLayer):
             self.value_buffer = self.value_buffer[indices]
             self._expose()
 
+    def append_rows(self, other: SlotLayer, rows: tuple[int, int], pads: tuple[int, int]) -> None:
+        """Rows of `other` below this layer's, both left-padded with holes to one slot count:
+        (B1, H, L1, D) + (B2, H, L2, D) -> (B1 + B2, H, L, D), L = L1 + pads[0] = L2 + pads[1].
+        `rows` = (B1, B2): a layer with no slots yet holds no rows. Holes are never read (the
+        caller's attention mask hides them)."""
+        like = self.key_buffer if self.key_buffer is not None else other.key_buffer
+        if like is None:  # neither has a slot: nothing to join
+            return
+        length = self.length + pads[0]
+        shape = (rows[0] + rows[1], like.shape[1], max(length, 64), like.shape[3])
+        keys, values = like.new_zeros(shape), like.new_zeros(shape)
+        for layer, part, pad in (
+            (self, slice(0, rows[0]), pads[0]),
+            (other, slice(rows[0], None), pads[1]),
+        ):
+            if layer.key_buffer is not None and layer.length:
+                keys[part, :, pad:length] = layer.keys
+                values[part, :, pad:length] = layer.values
+        if not self.is_initialized:
+            self.lazy_initialization(like, like)
+        self.key_buffer, self.value_buffer, self.length = keys, values, length
+        self._expose()
+
     def gather_slots(self, keep: torch.Tensor) -> None:
         """Keep slots `keep` (B, L') of each row, in that order, as slots 0 .. L' - 1."""
         assert self.key_buffer is not None and self.value_buffer is not None
@@ -304,3 +327,21 @@ def compact_cache(cache: DynamicCache, valid: torch.Tensor) -> torch.Tensor:
     for layer in cache.layers:
         layer.gather_slots(keep)
     return valid.gather(1, keep)
+
+
+def append_cache_rows(
+    cache: DynamicCache, valid: torch.Tensor, other: DynamicCache, other_valid: torch.Tensor
+) -> torch.Tensor:
+    """Put `other`'s rows below `cache`'s (in place), left-padding the shorter with holes;
+    returns the joined mask. valid (B1, L1), other_valid (B2, L2) -> (B1 + B2, max(L1, L2))."""
+    length = max(valid.shape[1], other_valid.shape[1])
+    pad_self, pad_other = length - valid.shape[1], length - other_valid.shape[1]
+    rows = (valid.shape[0], other_valid.shape[0])
+    for layer, other_layer in zip(cache.layers, other.layers, strict=True):
+        layer.append_rows(other_layer, rows, (pad_self, pad_other))
+
+    def padded(mask: torch.Tensor, pad: int) -> torch.Tensor:
+        holes = torch.zeros((mask.shape[0], pad), dtype=torch.bool, device=mask.device)
+        return torch.cat([holes, mask], dim=1)
+
+    return torch.cat([padded(valid, pad_self), padded(other_valid, pad_other)])

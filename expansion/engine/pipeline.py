@@ -24,7 +24,12 @@ from expansion.engine.answers import (
     AnswerVerdict,
     mark_kept,
 )
-from expansion.engine.prompts import PromptTemplates, ViewPrompts, build_view_prompts
+from expansion.engine.prompts import (
+    PromptError,
+    PromptTemplates,
+    ViewPrompts,
+    build_view_prompts,
+)
 from expansion.engine.rollout import RolloutBackend, RolloutConfig, RolloutRequest, RolloutResult
 from expansion.engine.sampling import sequence_key
 from expansion.engine.scoring import (
@@ -48,6 +53,7 @@ class ExpansionItem:
     solution: str | Sequence[str]
     partial_solution: str
     answer: str | None
+    label: str = ""  # how messages name the item (default: its key)
 
 
 @dataclass
@@ -85,18 +91,23 @@ def view_prompts_for(
     reasoning: bool,
     max_prompt_tokens: int | None,
 ) -> list[ViewPrompts]:
-    return [
-        build_view_prompts(
-            tokenizer,
-            item.problem,
-            item.solution,
-            item.partial_solution,
-            templates,
-            reasoning=reasoning,
-            max_prompt_tokens=max_prompt_tokens,
-        )
-        for item in items
-    ]
+    prompts = []
+    for item in items:
+        try:
+            prompts.append(
+                build_view_prompts(
+                    tokenizer,
+                    item.problem,
+                    item.solution,
+                    item.partial_solution,
+                    templates,
+                    reasoning=reasoning,
+                    max_prompt_tokens=max_prompt_tokens,
+                )
+            )
+        except PromptError as exc:
+            raise PromptError(f"{item.label or item.key}: {exc}") from exc
+    return prompts
 
 
 def trace_arrays(tokenizer: Any, result: RolloutResult, scores: TokenScores) -> TraceArrays:
@@ -117,6 +128,9 @@ def trace_arrays(tokenizer: Any, result: RolloutResult, scores: TokenScores) -> 
     )
 
 
+ItemCallback = Callable[[int, list["ExpandedTrace"]], None]  # (item index, its traces)
+
+
 def expand_items(
     model: Any,
     tokenizer: Any,
@@ -132,9 +146,16 @@ def expand_items(
     max_prompt_tokens: int | None = None,
     progress: StageProgress | None = None,
     kept_rule: str = DEFAULT_KEPT_RULE,
+    on_item: ItemCallback | None = None,
 ) -> list[ExpandedTrace]:
-    """Expand every item `samples` times; traces come back grouped by item, in order. Each
-    problem's traces are marked kept by `kept_rule` (reasoning traces are not graded)."""
+    """Expand every item `samples` times; traces come back grouped by item, in order.
+
+    All items' sequences go to the backend at once, so its batch holds samples of many
+    problems. As soon as every sample of an item has finished, the item is scored (together
+    with the items that finished in the same engine step), its traces are marked kept by
+    `kept_rule` (reasoning traces are not graded) and handed to `on_item(item_index, traces)`:
+    a caller can store a problem while others are still decoding. Progress: stage "rollout" (tokens) and "scoring" (sequences), each
+    counted over the whole call."""
     if samples < 1:
         raise ValueError("samples must be at least 1")
     if kept_rule != LEGACY_KEPT_RULE and kept_rule not in KEPT_RULES:  # before any rollout
@@ -153,50 +174,100 @@ def expand_items(
         )
         for i, s in rows
     ]
-    results = backend.rollout(
-        requests, config, progress=lambda done, total: report("rollout", done, total)
-    )
-    scores = score_traces(
-        model,
-        [
-            ScoringRequest(
-                prompts[i].learner_ids,
-                prompts[i].privileged_ids,
-                prompts[i].negative_ids,
-                results[n].token_ids.tolist(),
-            )
-            for n, (i, _s) in enumerate(rows)
-        ],
-        top_n=top_n,
-        progress=lambda done, total: report("scoring", done, total),
-    )
-    expanded: list[ExpandedTrace] = []
-    for index, item in enumerate(items):
-        indices = [n for n, (i, _s) in enumerate(rows) if i == index]
-        arrays = [trace_arrays(tokenizer, results[n], scores[n]) for n in indices]
-        kept, checks = mark_kept(
-            [a.text for a in arrays],
-            item.answer,
-            problem_key=item.key,
-            seed=config.seed,
-            rule=kept_rule,
-            reasoning=reasoning,
-        )
-        for sample, n in enumerate(indices):
-            expanded.append(
-                ExpandedTrace(
-                    item_index=index,
-                    sample_index=sample,
-                    arrays=arrays[sample],
-                    finish_reason=results[n].finish_reason,
-                    error=results[n].error,
-                    fallback_share=results[n].fallback_share,
-                    shortcut=summarise_shortcuts(scores[n].shortcut_scores, shortcut_threshold),
-                    kept=kept[sample],
-                    answer_check=checks[sample],
+    finished: dict[int, dict[int, RolloutResult]] = {i: {} for i in range(len(items))}
+    waiting: list[int] = []  # items whose samples have all finished, not yet scored
+    expanded: dict[int, list[ExpandedTrace]] = {}
+    scored = [0]
+
+    def score_waiting() -> None:
+        batch = [(i, s) for i in waiting for s in range(samples)]
+        done_before = scored[0]
+        scores = score_traces(
+            model,
+            [
+                ScoringRequest(
+                    prompts[i].learner_ids,
+                    prompts[i].privileged_ids,
+                    prompts[i].negative_ids,
+                    finished[i][s].token_ids.tolist(),
                 )
+                for i, s in batch
+            ],
+            top_n=top_n,
+            progress=lambda done, _total: report("scoring", done_before + done // 3, len(rows)),
+        )
+        scored[0] += len(batch)
+        for offset, index in enumerate(list(waiting)):
+            item_scores = scores[offset * samples : (offset + 1) * samples]
+            expanded[index] = _item_traces(
+                tokenizer,
+                items[index],
+                index,
+                [finished[index][s] for s in range(samples)],
+                item_scores,
+                seed=config.seed,
+                kept_rule=kept_rule,
+                reasoning=reasoning,
+                shortcut_threshold=shortcut_threshold,
             )
-    return expanded
+            if on_item is not None:
+                on_item(index, expanded[index])
+        waiting.clear()
+
+    def on_finished(results: list[tuple[int, RolloutResult]]) -> None:
+        for n, result in results:
+            item, sample = rows[n]
+            finished[item][sample] = result
+            if len(finished[item]) == samples:
+                waiting.append(item)
+        if waiting:
+            score_waiting()
+
+    backend.rollout(
+        requests,
+        config,
+        progress=lambda done, total: report("rollout", done, total),
+        on_finished=on_finished,
+    )
+    return [trace for index in range(len(items)) for trace in expanded[index]]
+
+
+def _item_traces(
+    tokenizer: Any,
+    item: ExpansionItem,
+    index: int,
+    results: list[RolloutResult],
+    scores: list[TokenScores],
+    *,
+    seed: int,
+    kept_rule: str,
+    reasoning: bool,
+    shortcut_threshold: float,
+) -> list[ExpandedTrace]:
+    """One item's traces with their arrays, shortcut summaries and kept marks."""
+    arrays = [trace_arrays(tokenizer, r, sc) for r, sc in zip(results, scores, strict=True)]
+    kept, checks = mark_kept(
+        [a.text for a in arrays],
+        item.answer,
+        problem_key=item.key,
+        seed=seed,
+        rule=kept_rule,
+        reasoning=reasoning,
+    )
+    return [
+        ExpandedTrace(
+            item_index=index,
+            sample_index=sample,
+            arrays=arrays[sample],
+            finish_reason=result.finish_reason,
+            error=result.error,
+            fallback_share=result.fallback_share,
+            shortcut=summarise_shortcuts(scores[sample].shortcut_scores, shortcut_threshold),
+            kept=kept[sample],
+            answer_check=checks[sample],
+        )
+        for sample, result in enumerate(results)
+    ]
 
 
 def rescore_negative(

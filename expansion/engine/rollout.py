@@ -39,6 +39,10 @@ VIEWS = ("learner", "privileged")
 
 FinishReason = Literal["eos", "length", "error"]
 ProgressCallback = Callable[[int, int], None]
+# on_finished([(request_index, result), ...]): a backend calls it with the requests whose
+# traces became final together (the fast engine after each cycle; others per batch or wave),
+# each request exactly once.
+FinishedCallback = Callable[[list[tuple[int, "RolloutResult"]]], None]
 
 
 def token_reporter(progress: ProgressCallback | None, total: int) -> Callable[[int], None]:
@@ -366,6 +370,7 @@ class RolloutBackend(Protocol):
         requests: Sequence[RolloutRequest],
         config: RolloutConfig,
         progress: ProgressCallback | None = None,
+        on_finished: FinishedCallback | None = None,
     ) -> list[RolloutResult]: ...
 
 

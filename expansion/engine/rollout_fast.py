@@ -15,9 +15,18 @@ Which view drafts, the block size and the batch only change speed: the rule's ou
 position depends on (seed, sequence key, position) and the two distributions alone, so traces
 equal the reference loop's (exactly in float64; up to float rounding otherwise).
 
+Single view: with tau = 0 the rule accepts every first candidate and with tau = 1 it always
+falls back, so only one view is consulted (one forward pass per token, as plain sampling costs;
+the other view's log-probs are left NaN, and scoring computes every view's afterwards).
+
+Continuous batching: up to `max_batch_size` sequences are in flight; when a quarter of the
+slots are free, pending requests are prefilled and their cache rows appended (left-padded with
+holes), and each finished request is handed to `on_finished` at once, so a caller can store a
+problem's traces while the others are still decoding.
+
 Caches are rectangles with holes (left padding, rolled-back slots) hidden by the attention
 mask; trailing holes are cropped each cycle and the rest compacted when they pile up. Prompts
-shared by several samples are prefilled once and the cache rows repeated.
+shared by several samples admitted together are prefilled once and the cache rows repeated.
 
 This module knows nothing about tokenizers, prompts or storage; nor about vLLM (a vLLM
 backend implements the same `RolloutBackend` protocol).
@@ -40,6 +49,7 @@ from expansion.engine.rollout import (
     SOURCE_LEARNER,
     SOURCE_PRIVILEGED,
     VIEWS,
+    FinishedCallback,
     ProgressCallback,
     RolloutConfig,
     RolloutRequest,
@@ -66,6 +76,11 @@ COMPACT_SHARE = 0.25
 COMPACT_MIN_SLOTS = 32
 
 
+# Admit pending sequences when at least this share of the batch is free (or none is active):
+# each admission prefills the newcomers and copies the caches once, so it is amortised.
+ADMIT_SHARE = 0.25
+
+
 @torch.inference_mode()
 def fast_rollout(
     model: Any,
@@ -74,21 +89,46 @@ def fast_rollout(
     *,
     progress: ProgressCallback | None = None,
     stats: RolloutStats | None = None,
+    on_finished: FinishedCallback | None = None,
 ) -> list[RolloutResult]:
-    """Expand every request; sequences are decoded `config.max_batch_size` at a time."""
+    """Expand every request, keeping up to `config.max_batch_size` sequences in flight: a
+    finished sequence's slot goes to the next pending request (continuous batching).
+    `on_finished` gets the requests that finished in each cycle; results come back in request
+    order."""
     config = resolve_config(model, config)
     validate_requests(requests, model_views.vocab_size(model))
     stats = stats if stats is not None else RolloutStats()
     started = time.perf_counter()
     report = token_reporter(progress, len(requests) * config.max_new_tokens)
 
-    results: list[RolloutResult] = []
+    results: list[RolloutResult | None] = [None] * len(requests)
+    pending = list(range(len(requests)))[::-1]  # popped from the end: request order
+    admit_at = max(1, int(ADMIT_SHARE * config.max_batch_size))
     with model_views.grouped_attention(model):
-        for start in range(0, len(requests), config.max_batch_size):
-            chunk = list(requests[start : start + config.max_batch_size])
-            results.extend(_Wave(model, chunk, config, stats).run(report))
+        wave = _Wave(model, config, stats)
+        while pending or wave.rows:
+            free = config.max_batch_size - len(wave.rows)
+            if pending and (free >= admit_at or not wave.rows):
+                admitted = [pending.pop() for _ in range(min(free, len(pending)))]
+                wave.admit([(index, requests[index]) for index in admitted])
+            finished = wave.cycle(report)
+            for index, result in finished:
+                results[index] = result
+            if finished and on_finished is not None:
+                on_finished(finished)
     stats.seconds += time.perf_counter() - started
-    return results
+    return results  # type: ignore[return-value]
+
+
+def single_view(config: RolloutConfig) -> str | None:
+    """The one view a run consults, or None when the rule needs both: tau = 0 accepts every
+    first candidate (the proposer alone decides), tau = 1 always falls back (the verifier
+    alone). Such runs cost what plain sampling from that view costs."""
+    if config.tau <= 0.0:
+        return config.proposer
+    if config.tau >= 1.0:
+        return config.verifier
+    return None
 
 
 def _stack(parts: list[TokenDistributions]) -> TokenDistributions:
@@ -101,17 +141,11 @@ def _stack(parts: list[TokenDistributions]) -> TokenDistributions:
 
 
 class _Wave:
-    """One batch of sequences decoded together until every one has finished."""
+    """The sequences decoded together; `admit` adds requests, `cycle` decides tokens and
+    returns the requests that finished (their rows leave the batch)."""
 
-    def __init__(
-        self,
-        model: Any,
-        requests: list[RolloutRequest],
-        config: RolloutConfig,
-        stats: RolloutStats,
-    ) -> None:
+    def __init__(self, model: Any, config: RolloutConfig, stats: RolloutStats) -> None:
         self.model = model
-        self.requests = requests
         self.config = config
         self.stats = stats
         self.device = model_views.model_device(model)
@@ -119,35 +153,58 @@ class _Wave:
             config.forbidden_token_ids, dtype=torch.long, device=self.device
         )
         self.proposer, self.verifier = config.proposer, config.verifier
+        self.single = single_view(config)
         draft_view = config.draft_view
         if draft_view == "auto":
             draft_view = "verifier" if config.tau >= 0.5 else "proposer"
         self.drafter = self.proposer if draft_view == "proposer" else self.verifier
         self.checker = self.verifier if self.drafter == self.proposer else self.proposer
-        self.block = config.block_size
+        self.views = (self.single,) if self.single else (self.drafter, self.checker)
+        self.block = 1 if self.single else config.block_size
         self.eos = set(config.eos_token_ids)
         self.proposer_source = SOURCE_LEARNER if self.proposer == "learner" else SOURCE_PRIVILEGED
         self.verifier_source = 1 - self.proposer_source
 
-        batch = len(requests)
-        self.rows = list(range(batch))  # active row -> request index
-        self.keys = np.array([r.sequence_key for r in requests], dtype=np.int64)
-        self.done = np.zeros(batch, dtype=np.int64)  # tokens decided per active row
-        self.outputs: list[dict[str, list[Any]]] = [
-            {"token_ids": [], "sources": [], "draws": [], "learner": [], "privileged": []}
-            for _ in requests
-        ]
-        self.finished: dict[int, tuple[str, str | None]] = {}
+        self.rows: list[int] = []  # active row -> request index
+        self.requests: dict[int, RolloutRequest] = {}
+        self.keys = np.zeros(0, dtype=np.int64)
+        self.done = np.zeros(0, dtype=np.int64)  # tokens decided per active row
+        self.outputs: dict[int, dict[str, list[Any]]] = {}
         self.cache: dict[str, Any] = {}
         self.valid: dict[str, torch.Tensor] = {}  # (B, slots) bool
         self.next_position: dict[str, torch.Tensor] = {}  # (B,) RoPE position of next input
         self.inputs: dict[str, torch.Tensor] = {}  # (B,) next token to feed
-        for view in (self.drafter, self.checker):
-            self._prefill(view)
+        self.just_finished: list[tuple[int, RolloutResult]] = []
 
-    def _prefill(self, view: str) -> None:
-        """Read each distinct prompt once except its last token, which is the first input."""
-        prompts = [r.prompt_ids(view) for r in self.requests]
+    def admit(self, indexed: list[tuple[int, RolloutRequest]]) -> None:
+        """Prefill the newcomers' prompts and put their rows below the active ones."""
+        requests = [request for _, request in indexed]
+        for index, request in indexed:
+            self.requests[index] = request
+            self.outputs[index] = {
+                "token_ids": [], "sources": [], "draws": [], "learner": [], "privileged": []
+            }  # fmt: skip
+        for view in self.views:
+            cache, valid, next_position, inputs = self._prefill(view, requests)
+            if not self.rows:
+                self.cache[view], self.valid[view] = cache, valid
+                self.next_position[view], self.inputs[view] = next_position, inputs
+                continue
+            self.valid[view] = model_views.append_cache_rows(
+                self.cache[view], self.valid[view], cache, valid
+            )
+            self.next_position[view] = torch.cat([self.next_position[view], next_position])
+            self.inputs[view] = torch.cat([self.inputs[view], inputs])
+        self.rows += [index for index, _ in indexed]
+        self.keys = np.concatenate([self.keys, [r.sequence_key for r in requests]]).astype(np.int64)
+        self.done = np.concatenate([self.done, np.zeros(len(requests), dtype=np.int64)])
+
+    def _prefill(
+        self, view: str, requests: list[RolloutRequest]
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Read each distinct prompt once except its last token, which is the first input.
+        Returns the cache, its mask (B, P), the next positions (B,) and inputs (B,)."""
+        prompts = [r.prompt_ids(view) for r in requests]
         distinct: dict[tuple[int, ...], int] = {}
         row_of = [distinct.setdefault(p, len(distinct)) for p in prompts]
         heads = [list(p[:-1]) for p in distinct]
@@ -159,14 +216,14 @@ class _Wave:
             model_views.forward_logits(self.model, view, ids, valid, positions, cache, 1)
             self.stats.forward_passes += 1
             model_views.select_cache_rows(cache, rows)
-            self.valid[view] = valid[rows]  # (B, P)
+            valid = valid[rows]  # (B, P)
         else:
-            self.valid[view] = torch.zeros((len(prompts), 0), dtype=torch.bool, device=self.device)
-        self.cache[view] = cache
-        self.next_position[view] = torch.tensor(
+            valid = torch.zeros((len(prompts), 0), dtype=torch.bool, device=self.device)
+        next_position = torch.tensor(
             [len(p) - 1 for p in prompts], dtype=torch.long, device=self.device
         )
-        self.inputs[view] = torch.tensor([p[-1] for p in prompts], dtype=torch.long).to(self.device)
+        inputs = torch.tensor([p[-1] for p in prompts], dtype=torch.long).to(self.device)
+        return cache, valid, next_position, inputs
 
     def _distributions(self, logits: torch.Tensor) -> TokenDistributions:
         return next_token_distributions(
@@ -178,23 +235,57 @@ class _Wave:
             in_place=True,
         )
 
-    def run(self, report: Callable[[int], None]) -> list[RolloutResult]:
-        while self.rows:
+    def cycle(self, report: Callable[[int], None]) -> list[tuple[int, RolloutResult]]:
+        """Decide the next block of every active sequence; returns those that finished."""
+        self.just_finished = []
+        if self.single:
+            self._cycle_single(report)
+        else:
             self._cycle(report)
-        return [
-            finished_result(
-                request,
-                self.config,
-                out["token_ids"],
-                out["sources"],
-                out["draws"],
-                out["learner"],
-                out["privileged"],
-                finish_reason=self.finished[index][0],  # type: ignore[arg-type]
-                error=self.finished[index][1],
-            )
-            for index, (request, out) in enumerate(zip(self.requests, self.outputs, strict=True))
-        ]
+        return self.just_finished
+
+    def _cycle_single(self, report: Callable[[int], None]) -> None:
+        """One token per sequence from the single view: plain sampling with the rule's own
+        random numbers (tau = 0: the proposer's first candidate; tau = 1: the fallback)."""
+        config, device, view = self.config, self.device, self.single
+        assert view is not None
+        batch = len(self.rows)
+        uniforms = torch.from_numpy(
+            keyed_uniforms(config.seed, self.keys, self.done[:, None], config.max_draws + 1)[:, 0]
+        ).to(device)  # (B, R + 1)
+        ones = torch.ones((batch, 1), dtype=torch.bool, device=device)
+        self.valid[view] = torch.cat([self.valid[view], ones], dim=1)
+        logits = model_views.forward_logits(
+            self.model,
+            view,
+            self.inputs[view][:, None],
+            self.valid[view],
+            self.next_position[view][:, None],
+            self.cache[view],
+            1,
+        )[:, -1]  # (B, V)
+        self.stats.forward_passes += 1
+        self.stats.cycles += 1
+        dist = self._distributions(logits)
+        proposes = view == self.proposer
+        if proposes:
+            token = proposer_guess(dist, uniforms)
+        else:
+            token = verifier_guess(dist, uniforms, tau=config.tau, acceptance=config.acceptance)
+        logprob = chosen_logprobs(logits, dist, token, temperature=config.temperature)
+        other = "privileged" if view == "learner" else "learner"
+        column = token[:, None].cpu().numpy()  # (B, 1)
+        host = {
+            "token": column,
+            "draft": column,
+            "accepted": np.full((batch, 1), proposes),
+            "draws": np.full((batch, 1), 1 if proposes else config.max_draws),
+            f"finite_{view}": dist.finite[:, None].cpu().numpy(),
+            f"finite_{other}": np.ones((batch, 1), dtype=bool),
+            view: logprob[:, None].float().cpu().numpy(),
+            other: np.full((batch, 1), np.nan, dtype=np.float32),  # never consulted
+        }
+        self._commit(host, 1, config.max_new_tokens - self.done, report)
 
     def _cycle(self, report: Callable[[int], None]) -> None:
         config, device = self.config, self.device
@@ -335,7 +426,7 @@ class _Wave:
             if reason is None and int(self.done[b]) + count >= self.config.max_new_tokens:
                 reason = ("length", None)
             if reason is not None:
-                self.finished[index] = reason
+                self._finish(index, reason)
                 finished_rows.append(b)
                 tokens_done += self.config.max_new_tokens - int(self.done[b])
             else:
@@ -347,7 +438,24 @@ class _Wave:
             self._drop_rows(finished_rows)
         report(tokens_done)
 
+    def _finish(self, index: int, reason: tuple[str, str | None]) -> None:
+        out = self.outputs.pop(index)
+        result = finished_result(
+            self.requests.pop(index),
+            self.config,
+            out["token_ids"],
+            out["sources"],
+            out["draws"],
+            out["learner"],
+            out["privileged"],
+            finish_reason=reason[0],  # type: ignore[arg-type]
+            error=reason[1],
+        )
+        self.just_finished.append((index, result))
+
     def _adapt_block(self, fully_matched_share: float) -> None:
+        if self.single:
+            return
         if fully_matched_share >= 0.9:
             self.block = min(self.block * 2, self.config.max_block_size)
         elif fully_matched_share < 0.5:
@@ -361,7 +469,7 @@ class _Wave:
         last = np.clip(decided - 1, 0, block - 1)
         next_inputs = torch.from_numpy(host["token"][np.arange(len(decided)), last]).to(device)
         keep_slots = int(decided.max()) if len(decided) else 0
-        for view in (self.drafter, self.checker):
+        for view in self.views:
             old = self.valid[view].shape[1] - block
             valid = torch.cat([self.valid[view][:, :old], new_valid], dim=1)
             model_views.crop_cache(self.cache[view], old + keep_slots)
@@ -371,14 +479,15 @@ class _Wave:
             self._maybe_compact(view)
 
     def _drop_rows(self, finished_rows: list[int]) -> None:
-        keep = [b for b in range(len(self.rows)) if b not in set(finished_rows)]
+        gone = set(finished_rows)
+        keep = [b for b in range(len(self.rows)) if b not in gone]
         self.rows = [self.rows[b] for b in keep]
-        if not self.rows:
-            return
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.keys = self.keys[keep]
         self.done = self.done[keep]
-        for view in (self.drafter, self.checker):
+        if not self.rows:  # the next admission starts fresh caches
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        for view in self.views:
             model_views.select_cache_rows(self.cache[view], index)
             self.valid[view] = self.valid[view][index]
             self.next_position[view] = self.next_position[view][index]
@@ -403,6 +512,14 @@ class TransformersBackend:
         requests: Sequence[RolloutRequest],
         config: RolloutConfig,
         progress: ProgressCallback | None = None,
+        on_finished: FinishedCallback | None = None,
     ) -> list[RolloutResult]:
         self.last_stats = RolloutStats()
-        return fast_rollout(self.model, requests, config, progress=progress, stats=self.last_stats)
+        return fast_rollout(
+            self.model,
+            requests,
+            config,
+            progress=progress,
+            stats=self.last_stats,
+            on_finished=on_finished,
+        )

@@ -28,6 +28,7 @@ from expansion.engine import model_views
 from expansion.engine.rollout import (
     SOURCE_LEARNER,
     SOURCE_PRIVILEGED,
+    FinishedCallback,
     ProgressCallback,
     RolloutConfig,
     RolloutRequest,
@@ -63,8 +64,9 @@ def reference_rollout(
     batch_size: int = 1,
     progress: ProgressCallback | None = None,
     stats: RolloutStats | None = None,
+    on_finished: FinishedCallback | None = None,
 ) -> list[RolloutResult]:
-    """Expand every request with the per-token two-view loop."""
+    """Expand every request with the per-token two-view loop (`batch_size` at a time)."""
     config = resolve_config(model, config)
     validate_requests(requests, model_views.vocab_size(model))
     stats = stats if stats is not None else RolloutStats()
@@ -74,7 +76,10 @@ def reference_rollout(
     with model_views.grouped_attention(model):
         for start in range(0, len(requests), batch_size):
             chunk = list(requests[start : start + batch_size])
-            results.extend(_rollout_lockstep(model, chunk, config, stats))
+            finished = _rollout_lockstep(model, chunk, config, stats)
+            if on_finished is not None:
+                on_finished([(len(results) + n, result) for n, result in enumerate(finished)])
+            results.extend(finished)
             if progress is not None:
                 progress(len(results) * config.max_new_tokens, total)
     stats.seconds += time.perf_counter() - started
@@ -206,6 +211,7 @@ class ReferenceBackend:
         requests: Sequence[RolloutRequest],
         config: RolloutConfig,
         progress: ProgressCallback | None = None,
+        on_finished: FinishedCallback | None = None,
     ) -> list[RolloutResult]:
         self.last_stats = RolloutStats()
         return reference_rollout(
@@ -215,4 +221,5 @@ class ReferenceBackend:
             batch_size=self.batch_size,
             progress=progress,
             stats=self.last_stats,
+            on_finished=on_finished,
         )

@@ -5,7 +5,9 @@ trace token r_i, `log p_L(r_i)`, `log p_PS(r_i)`, `log p_NR(r_i)` (full softmax,
 the distributions the training objective compares) and the top-N alternatives of PS and NR
 for the reviewer. Traces are batched per view (prompts left-padded, traces right-padded so
 trace positions line up; only trace positions go through the output layer), in micro-batches
-bounded by tokens and by logits size.
+bounded by tokens and by logits size. Traces that share a prompt (the samples of a problem)
+share its prefill: the distinct prompts are read once into a KV cache whose rows are repeated,
+then the traces are read on top of it.
 
 `shortcut_scores` gives delta_i = log p_NR(r_i) - log p_PS(r_i) and `summarise_shortcuts` the
 per-trace max, mean of the positive part and share of tokens above a threshold.
@@ -140,32 +142,77 @@ def _micro_batches(
     max_batch_tokens: int,
     max_logit_elements: int,
 ) -> list[list[int]]:
-    """Request indices grouped by similar length within the token and logits budgets."""
+    """Request indices grouped by prompt, then by similar length, within the token budget (a
+    shared prompt counted once) and the logits budget."""
     vocab = model_views.vocab_size(model)
     order = sorted(
         range(len(requests)),
-        key=lambda i: len(requests[i].prompt_ids(view)) + len(requests[i].response_ids),
+        key=lambda i: (
+            len(requests[i].prompt_ids(view)),
+            tuple(requests[i].prompt_ids(view)),
+            len(requests[i].response_ids),
+        ),
     )
     batches: list[list[int]] = []
     current: list[int] = []
+    prompts: set[tuple[int, ...]] = set()
     prompt_max = response_max = 0
     for index in order:
-        p = max(prompt_max, len(requests[index].prompt_ids(view)))
+        prompt = tuple(requests[index].prompt_ids(view))
+        p = max(prompt_max, len(prompt))
         r = max(response_max, len(requests[index].response_ids))
         rows = len(current) + 1
-        fits = rows * (p + r) <= max_batch_tokens and rows * r * vocab <= max_logit_elements
+        distinct = len(prompts | {prompt})
+        fits = (
+            distinct * p + rows * r <= max_batch_tokens and rows * r * vocab <= max_logit_elements
+        )
         if current and not fits:
             batches.append(current)
-            current, p, r = (
-                [],
-                len(requests[index].prompt_ids(view)),
-                len(requests[index].response_ids),
-            )
+            current, prompts = [], set()
+            p, r = len(prompt), len(requests[index].response_ids)
         current.append(index)
+        prompts.add(prompt)
         prompt_max, response_max = p, r
     if current:
         batches.append(current)
     return batches
+
+
+def _trace_logits(
+    model: Any, view: str, prompts: list[list[int]], responses: list[list[int]]
+) -> torch.Tensor:
+    """Logits predicting every trace position: (B, T, V), T the longest trace.
+
+    Distinct prompts are prefilled once (the logits of their last position predict trace
+    token 0) and their cache rows repeated; the traces then go through in one pass on top."""
+    device = model_views.model_device(model)
+    distinct: dict[tuple[int, ...], int] = {}
+    row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    rows = torch.tensor(row_of, dtype=torch.long, device=device)
+    response_len = max(len(r) for r in responses)
+    cache = model_views.new_cache(model) if response_len > 1 else None
+    ids, prompt_valid = model_views.left_pad([list(p) for p in distinct], device)  # (U, P)
+    positions = model_views.positions_from_valid(prompt_valid)
+    first = model_views.forward_logits(model, view, ids, prompt_valid, positions, cache, 1)
+    first = first[rows]  # (B, 1, V)
+    if cache is None:
+        return first
+    model_views.select_cache_rows(cache, rows)
+    traces = torch.zeros((len(responses), response_len - 1), dtype=torch.long)
+    trace_valid = torch.zeros_like(traces, dtype=torch.bool)
+    for row, response in enumerate(responses):
+        # The last trace token predicts nothing that is scored: read tokens 0 .. T - 2.
+        head = response[:-1]
+        traces[row, : len(head)] = torch.tensor(head, dtype=torch.long)
+        trace_valid[row, : len(head)] = True
+    traces, trace_valid = traces.to(device), trace_valid.to(device)
+    valid = torch.cat([prompt_valid[rows], trace_valid], dim=1)  # (B, P + T - 1)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    trace_positions = lengths[:, None] + torch.arange(response_len - 1, device=device)[None, :]
+    rest = model_views.forward_logits(
+        model, view, traces, valid, trace_positions, cache, response_len - 1
+    )  # (B, T - 1, V)
+    return torch.cat([first, rest], dim=1)
 
 
 def _score_batch(
@@ -174,25 +221,17 @@ def _score_batch(
     device = model_views.model_device(model)
     prompts = [list(requests[i].prompt_ids(view)) for i in batch]
     responses = [list(requests[i].response_ids) for i in batch]
-    prompt_len = max(len(p) for p in prompts)
     response_len = max(len(r) for r in responses)
     empty = np.zeros(0, dtype=np.float32)
     if response_len == 0:
         no_top = np.zeros((0, top_n), dtype=np.int64), np.zeros((0, top_n), dtype=np.float32)
         return [(empty, *no_top) if top_n else (empty, None, None) for _ in batch]
     rows = len(batch)
-    ids = torch.zeros((rows, prompt_len + response_len), dtype=torch.long)
-    valid = torch.zeros_like(ids, dtype=torch.bool)
-    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-        ids[row, prompt_len - len(prompt) : prompt_len] = torch.tensor(prompt)
-        ids[row, prompt_len : prompt_len + len(response)] = torch.tensor(response, dtype=torch.long)
-        valid[row, prompt_len - len(prompt) : prompt_len + len(response)] = True
-    ids, valid = ids.to(device), valid.to(device)
-    positions = model_views.positions_from_valid(valid)  # (B, P + T)
-    # The logits at column c predict the token at c + 1: keep prompt_len - 1 .. end - 1.
-    keep = torch.arange(prompt_len - 1, prompt_len + response_len - 1, device=device)
-    logits = model_views.forward_logits(model, view, ids, valid, positions, None, keep)  # (B, T, V)
-    targets = ids[:, prompt_len:]  # (B, T)
+    logits = _trace_logits(model, view, prompts, responses)  # (B, T, V)
+    targets = torch.zeros((rows, response_len), dtype=torch.long)
+    for row, response in enumerate(responses):
+        targets[row, : len(response)] = torch.tensor(response, dtype=torch.long)
+    targets = targets.to(device)  # (B, T)
     logprobs = torch.empty(targets.shape, dtype=torch.float32, device=device)  # (B, T)
     top_ids = torch.zeros((rows, response_len, top_n), dtype=torch.long, device=device)
     top_lps = torch.zeros((rows, response_len, top_n), dtype=torch.float32, device=device)

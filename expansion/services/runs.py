@@ -2,8 +2,10 @@
 job per chunk on the `gpu` queue), execute a chunk (idempotent: finished traces are kept and
 skipped), cancel and retry a run.
 
-A worker killed mid-run loses at most the problem it was expanding: traces are committed per
-problem as they finish, and a rerun of a chunk only expands the problems still missing.
+A chunk's problems are expanded together: the engine's batch holds samples of many problems
+(a finished sequence's slot goes to the next pending one), and each problem's traces are
+committed as soon as all its samples are done and scored. A worker killed mid-run loses at
+most the problems in flight; a rerun of a chunk only expands the problems still missing.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ from expansion.services.models import vllm_launch_refusal
 EXPANSION_CHUNK_KIND = "expansion_chunk"
 MAX_SAMPLES = 256
 MAX_PROBLEMS = 5000
+# A chunk's work: problems x samples x max_new_tokens. 65,536 is 32 problems x 2 samples x
+# 1,024 tokens, or 8 x 4 x 2,048: about 18 minutes at the ~60 tokens/s of the 2-core CPU
+# (bench rollout), and a few seconds to a minute on a GPU with vLLM, where a larger budget
+# (e.g. 1-4 million tokens) keeps a chunk's engine batch full for longer (README, "Sizing").
+DEFAULT_CHUNK_TOKENS = 65_536
+MAX_CHUNK_TOKENS = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,10 @@ class RunSettings:
     backend: str = Backend.TRANSFORMERS
     templates: dict[str, Any] | None = None
     reasoning: bool = False
-    chunk_problems: int = 4
+    # How a run is split into chunk jobs: by work (`chunk_tokens`, the default) so that every
+    # chunk takes about as long, or by an explicit number of problems.
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    chunk_problems: int | None = None
     top_n: int = 5
     shortcut_threshold: float = 1.0
     require_answers: bool = True
@@ -78,8 +89,10 @@ def _validated_config(settings: RunSettings) -> tuple[RolloutConfig, PromptTempl
         raise DomainError(f"Prompt templates: {exc}") from exc
     if not 1 <= settings.samples_per_problem <= MAX_SAMPLES:
         raise DomainError(f"Samples per problem must be between 1 and {MAX_SAMPLES}.")
-    if not 1 <= settings.chunk_problems <= 1000:
+    if settings.chunk_problems is not None and not 1 <= settings.chunk_problems <= 1000:
         raise DomainError("Problems per chunk must be between 1 and 1000.")
+    if not 1 <= settings.chunk_tokens <= MAX_CHUNK_TOKENS:
+        raise DomainError(f"Work per chunk must be between 1 and {MAX_CHUNK_TOKENS} tokens.")
     if settings.backend not in Backend.values:
         raise DomainError(f"Unknown backend {settings.backend!r}.")
     if settings.backend == Backend.VLLM and (reason := vllm_launch_refusal()):
@@ -89,6 +102,15 @@ def _validated_config(settings: RunSettings) -> tuple[RolloutConfig, PromptTempl
     if not settings.name.strip():
         raise DomainError("Give the run a name.")
     return config, templates
+
+
+def chunk_size(settings: RunSettings, config: RolloutConfig) -> int:
+    """Problems per chunk: the explicit number, or as many as fit the work budget
+    (`chunk_tokens` / (samples x max_new_tokens)), at least one."""
+    if settings.chunk_problems is not None:
+        return settings.chunk_problems
+    per_problem = settings.samples_per_problem * config.max_new_tokens
+    return max(1, min(MAX_PROBLEMS, settings.chunk_tokens // per_problem))
 
 
 def _check_problems(problems: list[Problem], require_answers: bool) -> None:
@@ -165,7 +187,7 @@ def expansion_run_launch(
         templates=templates.to_dict(),
         reasoning=settings.reasoning,
         samples_per_problem=settings.samples_per_problem,
-        chunk_problems=settings.chunk_problems,
+        chunk_problems=chunk_size(settings, config),
         top_n=settings.top_n,
         shortcut_threshold=settings.shortcut_threshold,
     )
@@ -185,8 +207,8 @@ def expansion_run_launch(
                 position=position,
             )
         )
-    for index, start in enumerate(range(0, len(run_problems), settings.chunk_problems)):
-        members = run_problems[start : start + settings.chunk_problems]
+    for index, start in enumerate(range(0, len(run_problems), run.chunk_problems)):
+        members = run_problems[start : start + run.chunk_problems]
         job = job_launch(
             kind=EXPANSION_CHUNK_KIND,
             launched_by=launched_by,
@@ -293,8 +315,6 @@ def expansion_chunk_execute(
     )
     todo = [m for m in members if m.stored < run.samples_per_problem]
     config = RolloutConfig.from_dict(run.rollout_config)
-    # Progress in token units: each problem's budget is samples x max_new_tokens (rollout 90 %,
-    # scoring 10 %); problems that stop early at EOS jump to their budget when stored.
     budget = run.samples_per_problem * config.max_new_tokens
     total = len(members) * budget
     done = (len(members) - len(todo)) * budget
@@ -318,53 +338,64 @@ def expansion_chunk_execute(
         backend = vllm_rollout_backend(model_path, run.adapter_path or None)
     else:
         backend = TransformersBackend(model)
+    items = [
+        ExpansionItem(
+            key=f"{member.problem.dataset_id}/{member.problem.external_id}",
+            problem=member.problem.statement,
+            solution=member.solution_version.body,
+            partial_solution=member.partial_solution,
+            answer=member.answer or None,
+            label=f"problem {member.problem.external_id}",
+        )
+        for member in todo
+    ]
+    # Progress in token units: each problem's budget is samples x max_new_tokens (rollout 90 %,
+    # scoring 10 %), over the problems still to do; problems stopping early at EOS count fully.
+    base, work = done, len(todo) * budget
+    shares = {"rollout": 0.0, "scoring": 0.0}
+    stored_problems = [0]
+
+    def report(stage: str, stage_done: int, stage_total: int) -> None:
+        shares[stage] = stage_done / stage_total if stage_total else 0.0
+        fraction = 0.9 * shares["rollout"] + 0.1 * shares["scoring"]
+        progress(
+            base + int(fraction * work),
+            total,
+            f"{stage}: {len(todo)} problems, {stored_problems[0]} stored",
+        )
+
+    def store(index: int, traces: list) -> None:
+        member = todo[index]
+        stored = _store_traces(member, traces, run.shortcut_threshold)
+        stored_problems[0] += 1
+        errors = [t for t in traces if t.finish_reason == "error"]
+        tokens = sum(len(t.arrays) for t in traces)
+        log(
+            f"{member.problem.external_id}: stored {stored} traces, {tokens} tokens"
+            + (f"; {len(errors)} failed: {errors[0].error}" if errors else "")
+        )
+
     try:
-        expanded_now = 0
-        for number, member in enumerate(todo, start=1):
-            item = ExpansionItem(
-                key=f"{member.problem.dataset_id}/{member.problem.external_id}",
-                problem=member.problem.statement,
-                solution=member.solution_version.body,
-                partial_solution=member.partial_solution,
-                answer=member.answer or None,
+        try:
+            expand_items(
+                model,
+                tokenizer,
+                backend,
+                items,
+                config=config,
+                samples=run.samples_per_problem,
+                templates=templates,
+                reasoning=run.reasoning,
+                top_n=run.top_n,
+                shortcut_threshold=run.shortcut_threshold,
+                progress=report,
+                kept_rule=run.kept_rule,  # '' (older runs): the rule they were launched with
+                on_item=store,
             )
-            label = f"problem {member.problem.external_id} ({number}/{len(todo)})"
-
-            def report(
-                stage: str, stage_done: int, stage_total: int, _base=done, _label=label
-            ) -> None:
-                fraction = stage_done / stage_total if stage_total else 0.0
-                share = 0.9 * fraction if stage == "rollout" else 0.9 + 0.1 * fraction
-                progress(_base + int(share * budget), total, f"{_label}: {stage}")
-
-            try:
-                traces = expand_items(
-                    model,
-                    tokenizer,
-                    backend,
-                    [item],
-                    config=config,
-                    samples=run.samples_per_problem,
-                    templates=templates,
-                    reasoning=run.reasoning,
-                    top_n=run.top_n,
-                    shortcut_threshold=run.shortcut_threshold,
-                    progress=report,
-                    kept_rule=run.kept_rule,  # '' (older runs): the rule they were launched with
-                )
-            except PromptError as exc:
-                raise DomainError(f"{member.problem.external_id}: {exc}") from exc
-            stored = _store_traces(member, traces, run.shortcut_threshold)
-            expanded_now += 1
-            done += budget
-            errors = [t for t in traces if t.finish_reason == "error"]
-            tokens = sum(len(t.arrays) for t in traces)
-            log(
-                f"{member.problem.external_id}: stored {stored} traces, {tokens} tokens"
-                + (f"; {len(errors)} failed: {errors[0].error}" if errors else "")
-            )
-            progress(done, total, f"{label}: stored")
-        return {"problems": len(members), "expanded_now": expanded_now}
+        except PromptError as exc:
+            raise DomainError(f"Nothing was expanded: {exc}") from exc
+        progress(total, total, f"{len(todo)} problems stored")
+        return {"problems": len(members), "expanded_now": len(todo)}
     finally:
         if run.backend == Backend.VLLM:
             backend.close()

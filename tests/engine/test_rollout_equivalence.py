@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from expansion.engine import model_views, rollout_fast
 from expansion.engine.rollout import (
     SOURCE_LEARNER,
     SOURCE_PRIVILEGED,
@@ -16,7 +17,7 @@ from expansion.engine.rollout import (
     RolloutRequest,
     RolloutResult,
 )
-from expansion.engine.rollout_fast import TransformersBackend, fast_rollout
+from expansion.engine.rollout_fast import TransformersBackend, fast_rollout, single_view
 from expansion.engine.rollout_reference import ReferenceBackend, reference_rollout, resolve_config
 from tests.engine.conftest import TINY_VOCAB
 
@@ -37,15 +38,25 @@ def make_requests(count: int, seed: int = 0, shared: int = 1) -> list[RolloutReq
     return requests
 
 
-def assert_same_traces(expected: list[RolloutResult], actual: list[RolloutResult]) -> None:
+def assert_same_traces(
+    expected: list[RolloutResult],
+    actual: list[RolloutResult],
+    views: tuple[str, ...] = ("learner", "privileged"),
+) -> None:
+    """Same tokens, sources, draws and endings; log-probs of `views` equal (a single-view run
+    consults one view: the other's log-probs are NaN, never computed)."""
     assert len(expected) == len(actual)
     for index, (a, b) in enumerate(zip(expected, actual, strict=True)):
         assert a.token_ids.tolist() == b.token_ids.tolist(), f"trace {index} tokens differ"
         assert a.sources.tolist() == b.sources.tolist(), f"trace {index} sources differ"
         assert a.draws.tolist() == b.draws.tolist(), f"trace {index} draws differ"
         assert (a.finish_reason, a.error) == (b.finish_reason, b.error)
-        np.testing.assert_allclose(a.learner_logprobs, b.learner_logprobs, atol=1e-5)
-        np.testing.assert_allclose(a.privileged_logprobs, b.privileged_logprobs, atol=1e-5)
+        for view in ("learner", "privileged"):
+            want, got = getattr(a, f"{view}_logprobs"), getattr(b, f"{view}_logprobs")
+            if view in views:
+                np.testing.assert_allclose(want, got, atol=1e-5)
+            else:
+                assert np.isnan(got).all(), f"trace {index}: the {view} view was consulted"
 
 
 BASE = RolloutConfig(max_new_tokens=24, eos_token_ids=(EOS,), max_batch_size=5)
@@ -58,7 +69,8 @@ def test_fast_equals_reference(tiny_model_factory, proposer: str, tau: float):
     requests = make_requests(7, shared=2)
     config = dataclasses.replace(BASE, tau=tau, proposer=proposer)
     expected = reference_rollout(model, requests, config)
-    assert_same_traces(expected, fast_rollout(model, requests, config))
+    views = (single_view(config),) if single_view(config) else ("learner", "privileged")
+    assert_same_traces(expected, fast_rollout(model, requests, config), views)
     # The traces exercise the rule: not all from one source unless tau forces it.
     sources = np.concatenate([r.sources for r in expected])
     if 0.0 < tau < 1.0:
@@ -210,9 +222,74 @@ def test_backends_share_the_protocol_and_report_progress(tiny_model_factory):
 def test_fast_engine_reports_draft_statistics(tiny_model_factory):
     model = tiny_model_factory()
     backend = TransformersBackend(model)
-    backend.rollout(make_requests(4, seed=10), dataclasses.replace(BASE, tau=1.0))
-    # tau = 1 with the verifier drafting its own fallback: every draft is right.
-    assert backend.last_stats.draft_acceptance == 1.0
+    backend.rollout(make_requests(4, seed=10), dataclasses.replace(BASE, tau=0.5))
+    stats = backend.last_stats
+    assert stats.drafted >= stats.tokens > 0
+    assert 0.0 < stats.draft_acceptance <= 1.0
+
+
+@pytest.mark.parametrize(("tau", "proposer", "view"), [
+    (1.0, "learner", "privileged"),
+    (0.0, "learner", "learner"),
+    (1.0, "privileged", "learner"),
+    (0.0, "privileged", "privileged"),
+])  # fmt: skip
+def test_single_view_runs_consult_one_view_once_per_token(
+    tiny_model_factory, monkeypatch, tau: float, proposer: str, view: str
+):
+    """tau = 1 never consults the proposer and tau = 0 never the verifier: one forward pass of
+    one view per generated token, as plain sampling costs."""
+    model = tiny_model_factory()
+    consulted: list[str] = []
+    real_forward = model_views.forward_logits
+
+    def spy(model_, view_, *args, **kwargs):
+        consulted.append(view_)
+        return real_forward(model_, view_, *args, **kwargs)
+
+    monkeypatch.setattr(model_views, "forward_logits", spy)
+    config = dataclasses.replace(BASE, tau=tau, proposer=proposer, max_batch_size=8)
+    requests = make_requests(6, seed=11)
+    backend = TransformersBackend(model)
+    results = backend.rollout(requests, config)
+    assert set(consulted) == {view}
+    longest = max(len(r) + (r.finish_reason == "eos") for r in results)
+    assert backend.last_stats.forward_passes == len(consulted) == 1 + longest  # prefill + steps
+
+
+def test_continuous_batching_refills_finished_slots(tiny_model_factory):
+    """Requests of many prompts, fewer slots than requests, traces of many lengths: each
+    finished trace's slot is taken by the next pending request, every request is reported
+    once as it finishes, and the traces equal the reference's."""
+    model = tiny_model_factory()
+    pad = int(model.config.pad_token_id or 0)
+    requests = make_requests(13, seed=12, shared=2)
+    config = dataclasses.replace(
+        BASE, tau=0.5, max_new_tokens=40, eos_token_ids=(EOS, pad, 3, 5, 7), max_batch_size=4
+    )
+    reported: list[tuple[int, RolloutResult]] = []
+    admitted: list[int] = []
+    real_admit = rollout_fast._Wave.admit
+
+    def counting_admit(self, indexed):
+        admitted.append(len(indexed))
+        return real_admit(self, indexed)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rollout_fast._Wave, "admit", counting_admit)
+        results = fast_rollout(
+            model,
+            requests,
+            config,
+            on_finished=reported.extend,
+        )
+    assert_same_traces(reference_rollout(model, requests, config), results)
+    assert sorted(i for i, _ in reported) == list(range(len(requests)))  # each once
+    assert all(result is results[i] for i, result in reported)
+    lengths = {len(r) for r in results}
+    assert len(lengths) > 2, "the traces should end at different lengths"
+    assert sum(admitted) == len(requests) and max(admitted) <= 4
+    assert len(admitted) > -(-len(requests) // 4), "slots were only refilled wave by wave"
 
 
 def test_out_of_vocabulary_prompt_is_refused(tiny_model_factory):

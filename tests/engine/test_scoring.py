@@ -59,6 +59,30 @@ def test_scores_equal_unbatched_forward_passes(tiny_model_factory, adapter: bool
         assert np.all(np.diff(score.negative_top_logprobs, axis=1) <= 0)
 
 
+def test_samples_sharing_a_prompt_equal_unbatched_forward_passes(tiny_model_factory):
+    """A problem's samples share their prompts (one prefill, repeated cache rows): traces of
+    0, 1, 2 and more tokens beside traces of other prompts score as if read alone."""
+    model = tiny_model_factory(adapter=True)
+    rng = np.random.default_rng(7)
+    requests = []
+    for _problem in range(3):
+        prompts = [rng.integers(0, 256, size=int(rng.integers(2, 14))).tolist() for _ in range(3)]
+        for length in (0, 1, 2, 9):
+            response = rng.integers(0, 256, size=length).tolist()
+            requests.append(ScoringRequest(*prompts, response))
+    scores = score_traces(model, requests, top_n=2)
+    for request, score in zip(requests, scores, strict=True):
+        response = list(request.response_ids)
+        assert score.negative_top_ids.shape == (len(response), 2)
+        if not response:
+            continue
+        picks = torch.arange(len(response)), torch.tensor(response)
+        for view, adapter in (("learner", True), ("privileged", False), ("negative", False)):
+            plain = plain_logprobs(model, request.prompt_ids(view), response, adapter=adapter)
+            got = getattr(score, f"{view}_logprobs")
+            np.testing.assert_allclose(got, plain[picks].numpy(), atol=1e-5, err_msg=view)
+
+
 def test_micro_batching_does_not_change_scores(tiny_model_factory):
     model = tiny_model_factory()
     requests = make_requests(7, seed=1)

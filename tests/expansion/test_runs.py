@@ -76,6 +76,7 @@ def test_vllm_is_refused_where_it_cannot_run(queue, monkeypatch, settings):
         ({"backend": "sglang"}, "Unknown backend 'sglang'"),
         ({"samples_per_problem": 0}, "Samples per problem must be between 1 and"),
         ({"chunk_problems": 0}, "Problems per chunk must be between 1 and 1000"),
+        ({"chunk_tokens": 0}, "Work per chunk must be between 1 and"),
         ({"rollout": {"tau": 1.5}}, "tau"),
     ],
 )
@@ -100,6 +101,50 @@ def test_launch_pins_versions_and_splits_into_gpu_chunks(queue):
         newest = member.problem.versions.order_by("-number").first()
         assert member.solution_version_id == newest.pk
         assert member.partial_solution  # s~ rendered at launch
+
+
+@pytest.mark.parametrize(
+    ("samples", "tokens", "chunk_tokens", "sizes"),
+    [
+        (2, 64, 256, [2, 2, 2, 1]),  # 2 problems x 2 samples x 64 tokens per chunk
+        (4, 64, 256, [1] * 7),  # one problem's work already fills the budget
+        (1, 64, 10_000, [7]),
+        (2, 100, 399, [1] * 7),  # never zero problems
+    ],
+)
+def test_chunks_are_sized_by_work(queue, samples, tokens, chunk_tokens, sizes):
+    problems = [make_problem() for _ in range(7)]
+    run = launch(
+        problems,
+        samples_per_problem=samples,
+        rollout={"max_new_tokens": tokens},
+        chunk_tokens=chunk_tokens,
+    )
+    assert [c.run_problems.count() for c in run.chunks.order_by("index")] == sizes
+    assert run.chunk_problems == sizes[0]
+
+
+def test_launch_command_sizes_chunks_by_work(queue):
+    from django.core.management import call_command
+
+    problem = make_problem()
+    for _ in range(4):
+        make_problem(dataset=problem.dataset)
+    call_command(
+        "launch_expansion",
+        "--dataset",
+        problem.dataset.name,
+        "--model",
+        "/models/any",
+        "--samples",
+        "2",
+        "--rollout",
+        '{"max_new_tokens": 100}',
+        "--chunk-tokens",
+        "400",
+    )
+    run = ExpansionRun.objects.get()
+    assert [c.run_problems.count() for c in run.chunks.order_by("index")] == [2, 2, 1]
 
 
 # --- Presets and kept rules (recorded with the run) -------------------------------------------
@@ -159,7 +204,7 @@ def test_the_launch_form_sends_the_preset_and_only_the_fields_typed_over_it():
         "temperature": "0.7",
         "max_new_tokens": "64",
         "seed": "5",
-        "chunk_problems": "4",
+        "chunk_tokens": "4096",
         "kept_rule": "all",
     }
     form = RunLaunchForm(data)

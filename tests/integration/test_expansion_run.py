@@ -19,13 +19,13 @@ from tests.factories import make_user
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 
-def launch(embedded_model_dir, problems, samples=2, tokens=64, chunk=3):
+def launch(embedded_model_dir, problems, samples=2, tokens=64, chunk=3, batch=32):
     return expansion_run_launch(
         settings=RunSettings(
             name="integration",
             model_path=str(embedded_model_dir),
             samples_per_problem=samples,
-            rollout={"max_new_tokens": tokens, "tau": 0.5, "seed": 7},
+            rollout={"max_new_tokens": tokens, "tau": 0.5, "seed": 7, "max_batch_size": batch},
             chunk_problems=chunk,
         ),
         problem_ids=[p.pk for p in problems],
@@ -53,6 +53,9 @@ def test_run_expands_champ_problems_with_consistent_arrays(
     assert job.state == JobState.SUCCEEDED, job.error + job.log
     traces = list(Trace.objects.filter(run=run))
     assert len(traces) == 6
+    # One pass over the chunk's 3 problems (their 6 sequences decoded together), each problem
+    # stored on its own.
+    assert job.log.count("stored 2 traces") == 3
     for trace in traces:
         arrays = decode_trace(bytes(trace.data))
         n = len(arrays)
@@ -80,7 +83,8 @@ def test_killed_worker_then_rerun_leaves_no_duplicates(celery_worker_factory, em
     champ_load()
     problems = list(Problem.objects.order_by("external_id")[:3])
     worker = celery_worker_factory(name="gpu-doomed", queues="gpu")
-    run = launch(embedded_model_dir, problems, samples=2, tokens=48, chunk=3)
+    # A batch of 2 sequences: the chunk's problems go through the engine one after another.
+    run = launch(embedded_model_dir, problems, samples=2, tokens=48, chunk=3, batch=2)
     # Kill the worker once the first problem's traces are stored (mid-run).
     wait_for(lambda: Trace.objects.filter(run=run).count() >= 2, timeout=600, interval=0.5)
     worker.kill()

@@ -13,7 +13,12 @@ from expansion.engine.answers import DEFAULT_KEPT_RULE, KEPT_RULES
 from expansion.engine.rollout import DEFAULT_ROLLOUT_PRESET, ROLLOUT_PRESETS
 from expansion.models import Backend
 from expansion.services import base_model_dir
-from expansion.services.runs import RunSettings, expansion_run_launch, run_problems_select
+from expansion.services.runs import (
+    DEFAULT_CHUNK_TOKENS,
+    RunSettings,
+    expansion_run_launch,
+    run_problems_select,
+)
 
 
 class Command(BaseCommand):
@@ -38,7 +43,17 @@ class Command(BaseCommand):
         )
         parser.add_argument("--samples", type=plain_int_argument, default=4)
         parser.add_argument(
-            "--chunk", type=plain_int_argument, default=4, help="Problems per chunk (job)."
+            "--chunk-tokens",
+            type=plain_int_argument,
+            default=DEFAULT_CHUNK_TOKENS,
+            help="Work per chunk job: problems x samples x max_new_tokens (default "
+            f"{DEFAULT_CHUNK_TOKENS}).",
+        )
+        parser.add_argument(
+            "--chunk",
+            type=plain_int_argument,
+            default=None,
+            help="Problems per chunk job, instead of sizing chunks by work.",
         )
         parser.add_argument(
             "--preset",
@@ -89,6 +104,7 @@ class Command(BaseCommand):
                     rollout=rollout,
                     kept_rule=o["kept_rule"],
                     chunk_problems=o["chunk"],
+                    chunk_tokens=o["chunk_tokens"],
                     reasoning=o["reasoning"],
                 ),
                 problem_ids=ids,
