@@ -21,7 +21,8 @@ from pathlib import Path
 from bench.report import print_table, write_json
 
 
-def _setup_django(data_dir: Path) -> None:
+def setup_django(data_dir: Path) -> None:
+    """Django on a throw-away SQLite database under `data_dir` (never your data)."""
     os.environ["DAIL_DATA_DIR"] = str(data_dir)
     os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
     os.environ.pop("DATABASE_URL", None)
@@ -60,7 +61,7 @@ def main(argv: list[str]) -> int:
     repeats = 5 if args.quick else 20
 
     with tempfile.TemporaryDirectory() as tmp:
-        _setup_django(Path(tmp))
+        setup_django(Path(tmp))
         from django.test import Client
 
         from curation.models import Dataset, Problem, SolutionVersion

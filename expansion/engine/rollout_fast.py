@@ -120,6 +120,22 @@ def fast_rollout(
     return results  # type: ignore[return-value]
 
 
+# Prefill groups: distinct prompts, sorted by length, up to this many padded tokens a group.
+PREFILL_TOKENS = 8192
+
+
+def _length_groups(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices of ascending `lengths` in consecutive groups whose padded size (rows x the
+    group's longest) stays within `budget` (a group has at least one row)."""
+    groups: list[list[int]] = []
+    for index, length in enumerate(lengths):
+        if groups and (len(groups[-1]) + 1) * max(length, 1) <= budget:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
 def single_view(config: RolloutConfig) -> str | None:
     """The one view a run consults, or None when the rule needs both: tau = 0 accepts every
     first candidate (the proposer alone decides), tau = 1 always falls back (the verifier
@@ -205,20 +221,33 @@ class _Wave:
         """Read each distinct prompt once except its last token, which is the first input.
         Returns the cache, its mask (B, P), the next positions (B,) and inputs (B,)."""
         prompts = [r.prompt_ids(view) for r in requests]
-        distinct: dict[tuple[int, ...], int] = {}
-        row_of = [distinct.setdefault(p, len(distinct)) for p in prompts]
-        heads = [list(p[:-1]) for p in distinct]
-        cache = model_views.new_cache(self.model)
-        rows = torch.tensor(row_of, dtype=torch.long, device=self.device)
-        if max(len(h) for h in heads) > 0:
-            ids, valid = model_views.left_pad(heads, self.device)  # (U, P)
-            positions = model_views.positions_from_valid(valid)  # (U, P)
-            model_views.forward_logits(self.model, view, ids, valid, positions, cache, 1)
-            self.stats.forward_passes += 1
+        # Distinct prompts, shortest first, read in groups of similar length (left padding
+        # to a group's longest prompt, not to the longest of all).
+        distinct = sorted(set(prompts), key=len)
+        order = {p: n for n, p in enumerate(distinct)}
+        cache, valid = model_views.new_cache(self.model), None
+        for group in _length_groups([len(p) - 1 for p in distinct], PREFILL_TOKENS):
+            heads = [list(distinct[n][:-1]) for n in group]
+            if max(len(h) for h in heads) == 0:
+                part_cache = model_views.new_cache(self.model)
+                part_valid = torch.zeros((len(heads), 0), dtype=torch.bool, device=self.device)
+            else:
+                ids, part_valid = model_views.left_pad(heads, self.device)  # (G, P)
+                positions = model_views.positions_from_valid(part_valid)  # (G, P)
+                part_cache = model_views.new_cache(self.model)
+                model_views.forward_logits(
+                    self.model, view, ids, part_valid, positions, part_cache, 1
+                )
+                self.stats.forward_passes += 1
+            if valid is None:
+                cache, valid = part_cache, part_valid
+            else:
+                valid = model_views.append_cache_rows(cache, valid, part_cache, part_valid)
+        assert valid is not None
+        rows = torch.tensor([order[p] for p in prompts], dtype=torch.long, device=self.device)
+        if valid.shape[1]:
             model_views.select_cache_rows(cache, rows)
-            valid = valid[rows]  # (B, P)
-        else:
-            valid = torch.zeros((len(prompts), 0), dtype=torch.bool, device=self.device)
+        valid = valid[rows]  # (B, P)
         next_position = torch.tensor(
             [len(p) - 1 for p in prompts], dtype=torch.long, device=self.device
         )

@@ -293,6 +293,20 @@ def _store_traces(run_problem: RunProblem, traces: list, threshold: float) -> in
     return stored
 
 
+def run_problem_item(member: RunProblem):
+    """The engine's view of a pinned problem (its key seeds the problem's randomness)."""
+    from expansion.engine.pipeline import ExpansionItem
+
+    return ExpansionItem(
+        key=f"{member.problem.dataset_id}/{member.problem.external_id}",
+        problem=member.problem.statement,
+        solution=member.solution_version.body,
+        partial_solution=member.partial_solution,
+        answer=member.answer or None,
+        label=f"problem {member.problem.external_id}",
+    )
+
+
 def expansion_chunk_execute(
     *,
     run_id: int,
@@ -302,7 +316,7 @@ def expansion_chunk_execute(
 ) -> dict[str, Any]:
     """Expand the chunk's problems that do not have all their traces yet."""
     from expansion.engine.models import ModelLoadError, load_model
-    from expansion.engine.pipeline import ExpansionItem, expand_items
+    from expansion.engine.pipeline import expand_items
     from expansion.engine.rollout_fast import TransformersBackend
     from expansion.services.models import vllm_rollout_backend
 
@@ -338,17 +352,7 @@ def expansion_chunk_execute(
         backend = vllm_rollout_backend(model_path, run.adapter_path or None)
     else:
         backend = TransformersBackend(model)
-    items = [
-        ExpansionItem(
-            key=f"{member.problem.dataset_id}/{member.problem.external_id}",
-            problem=member.problem.statement,
-            solution=member.solution_version.body,
-            partial_solution=member.partial_solution,
-            answer=member.answer or None,
-            label=f"problem {member.problem.external_id}",
-        )
-        for member in todo
-    ]
+    items = [run_problem_item(member) for member in todo]
     # Progress in token units: each problem's budget is samples x max_new_tokens (rollout 90 %,
     # scoring 10 %), over the problems still to do; problems stopping early at EOS count fully.
     base, work = done, len(todo) * budget

@@ -303,3 +303,18 @@ def test_model_eos_is_used_when_config_names_none(tiny_model_factory):
         EOS,
     )
     assert resolve_config(model, BASE) is BASE
+
+
+@pytest.mark.parametrize("budget", [1, 20])
+def test_prompts_read_in_length_groups_give_the_same_traces(
+    tiny_model_factory, monkeypatch, budget
+):
+    """Distinct prompts are prefilled in groups of similar length (here: one prompt a group,
+    or a few); the groups' caches are joined, and the traces do not change."""
+    monkeypatch.setattr(rollout_fast, "PREFILL_TOKENS", budget)
+    model = tiny_model_factory()
+    requests = make_requests(9, seed=13, shared=2)
+    config = dataclasses.replace(BASE, tau=0.5, max_new_tokens=16, max_batch_size=6)
+    assert_same_traces(
+        reference_rollout(model, requests, config), fast_rollout(model, requests, config)
+    )
