@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from django import forms
 
+from curation.models import Dataset
 from dailweb.forms import StrictIntegerField
 from training.engine.config import LORA_TARGETS, SEED_MAX
 from training.models import TRACE_FLAGS, TrainingObjective
+from training.services.expert_solutions import EXPERT_SOURCE, ExpertSolutionsChoice
 
 
 class ExpansionRunChoiceField(forms.ModelMultipleChoiceField):
@@ -29,18 +31,62 @@ def _release(value: object) -> str:
     return f"Release: {value}."
 
 
+TRACES_SOURCE = "traces"
+
+
 class TrainingLaunchForm(forms.Form):
     """A training run's settings. Initial values are the release defaults scaled for the
     embedded model (`training.services.training.EMBEDDED_SCALE`); help texts give the release
     values. Range checks here catch typos early; the engine's config validates the rest."""
 
     name = forms.CharField(max_length=200)
+    data_source = forms.ChoiceField(
+        choices=[
+            (TRACES_SOURCE, "Accepted traces of expansion runs (DAIL or NLL)"),
+            (
+                EXPERT_SOURCE,
+                "Expert solutions of a dataset (NLL only: supervised fine-tuning on the "
+                "solutions, the paper's direct-SFT baseline)",
+            ),
+        ],
+        initial=TRACES_SOURCE,
+        required=False,  # not posted: the traces (the form before this choice existed)
+        widget=forms.RadioSelect,
+        label="Data source",
+    )
     expansion_runs = ExpansionRunChoiceField(
         queryset=None,
+        required=False,
         widget=forms.CheckboxSelectMultiple,
         label="Data: accepted traces of these expansion runs",
         help_text="Frozen at launch: traces accepted later, or rejected later, do not change "
         "the run. Rejected, unreviewed and needs-fix traces are never used.",
+    )
+    dataset = forms.ModelChoiceField(
+        Dataset.objects.order_by("name"),
+        required=False,
+        empty_label="— choose —",
+        label="Data: expert solutions of this dataset",
+        help_text="The current solution version of each problem, frozen at launch, after the "
+        "evaluation's learner prompt; the answer is appended in \\boxed{} where the solution "
+        "has no box (the answer checker reads the last box). Problems without a solution are "
+        "left out and counted.",
+    )
+    held_out_fraction = forms.FloatField(
+        min_value=0.01,
+        max_value=0.99,
+        required=False,
+        label="Held-out fraction (expert solutions)",
+        help_text="Empty: every problem of the dataset. Else only the training side of the "
+        "seeded held-out split that evaluations use with the same fraction and seed, so an "
+        "evaluation on the held-out split never sees a training problem.",
+    )
+    split_seed = StrictIntegerField(
+        min_value=0,
+        max_value=SEED_MAX,
+        required=False,
+        initial=0,
+        label="Split seed (expert solutions)",
     )
     base_model_path = forms.CharField(
         max_length=1000,
@@ -188,6 +234,31 @@ class TrainingLaunchForm(forms.Form):
             **accepted_flag_annotations(),
         ).order_by("-created_at", "-id")
         self.fields["leave_out"].choices = list(TRACE_FLAGS.items())
+
+    def clean_data_source(self) -> str:
+        return self.cleaned_data["data_source"] or TRACES_SOURCE
+
+    def data_values(self) -> dict:
+        """The data source as `TrainingSettings` fields (run_ids, leave_out, expert_solutions):
+        only the chosen source's fields count."""
+        data = self.cleaned_data
+        if data["data_source"] == EXPERT_SOURCE:
+            dataset = data["dataset"]
+            seed = data["split_seed"]
+            return {
+                "run_ids": (),
+                "leave_out": (),
+                "expert_solutions": ExpertSolutionsChoice(
+                    dataset_id=dataset.pk if dataset else None,
+                    held_out_fraction=data["held_out_fraction"],
+                    split_seed=0 if seed is None else seed,
+                ),
+            }
+        return {
+            "run_ids": [r.pk for r in data["expansion_runs"]],
+            "leave_out": data["leave_out"],
+            "expert_solutions": None,
+        }
 
     def config_values(self) -> dict:
         """The engine's settings from the cleaned data (DailTrainingConfig field names)."""

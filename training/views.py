@@ -61,9 +61,8 @@ def training_run_launch(request: HttpRequest) -> HttpResponse:
             settings = training_services.TrainingSettings(
                 name=data["name"],
                 base_model_path=data["base_model_path"],
-                run_ids=[r.pk for r in data["expansion_runs"]],
                 config=form.config_values(),
-                leave_out=data["leave_out"],
+                **form.data_values(),
             )
             try:
                 if "preview" in request.POST:  # "Check data and steps": launch nothing
@@ -75,8 +74,9 @@ def training_run_launch(request: HttpRequest) -> HttpResponse:
                     )
                     messages.success(
                         request,
-                        f"Launched training run #{run.pk} on the gpu queue: {run.examples_used} "
-                        f"traces, {run.total_steps} steps.",
+                        f"Launched training run #{run.pk} on the gpu queue: "
+                        f"{training_services.training_source_description(run)}, "
+                        f"{run.examples_used} examples used, {run.total_steps} steps.",
                     )
                     return redirect("training:detail", training_run_id=run.pk)
             except DomainError as exc:
@@ -110,6 +110,7 @@ def training_run_detail(request: HttpRequest, training_run_id: int) -> HttpRespo
         charts=charts_available(),
         chart_data=_chart_document(run, points),
         settings_fields=selectors.training_run_settings_fields(run),
+        source_description=training_services.training_source_description(run),
     )
     return render(request, "training/training_detail.html", context)
 
@@ -169,6 +170,7 @@ def adapter_registry(request: HttpRequest) -> HttpResponse:
     runs = list(selectors.adapter_registry()[:200])
     for run in runs:
         run.adapter_present = (Path(run.adapter_path) / "adapter_config.json").is_file()
+        run.source_description = training_services.training_source_description(run)
     return render(request, "training/adapter_registry.html", {"runs": runs})
 
 

@@ -3,8 +3,10 @@
 A `TrainingExample` is token ids only: the learner, privileged and negative-reference prompts
 (three different prompts, each already rendered through the model's chat template and ending
 where the assistant turn begins) and the shared response `r`, plus an optional per-token
-shortcut mask from the reviewer. This module knows nothing about text, chat templates or
-models: whoever builds the examples owns the tokenizer.
+shortcut mask from the reviewer. A learner-only example (`TrainingExample.learner_only`: no
+privileged or negative prompt, e.g. an expert solution as the response) trains with the NLL
+objective only; the collator refuses it when the reference views are read. This module knows
+nothing about text, chat templates or models: whoever builds the examples owns the tokenizer.
 
 Layout. Each view v is one right-padded batch of `prompt_v + response`. The logits that predict
 response token t sit at position `len(prompt_v) - 1 + t` of view v; the collator returns those
@@ -47,10 +49,15 @@ class TrainingExample:
 
     def __post_init__(self) -> None:
         for name in ("learner_prompt_ids", "privileged_prompt_ids", "negative_prompt_ids"):
-            ids = tuple(int(i) for i in getattr(self, name))
-            if not ids:
-                raise ValueError(f"{name} is empty: every view needs at least one prompt token")
-            object.__setattr__(self, name, ids)
+            object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
+        if not self.learner_prompt_ids:
+            raise ValueError("learner_prompt_ids is empty: the learner needs a prompt")
+        reference_views = (self.privileged_prompt_ids, self.negative_prompt_ids)
+        if any(reference_views) and not all(reference_views):
+            raise ValueError(
+                "privileged_prompt_ids and negative_prompt_ids are both given or both empty "
+                "(a learner-only example)"
+            )
         response = tuple(int(i) for i in self.response_ids)
         if not response:
             raise ValueError("response_ids is empty")
@@ -62,6 +69,18 @@ class TrainingExample:
                     f"shortcut_mask has {len(marks)} entries for {len(response)} response tokens"
                 )
             object.__setattr__(self, "shortcut_mask", marks)
+
+    @classmethod
+    def learner_only(
+        cls, prompt_ids: Sequence[int], response_ids: Sequence[int], example_id: str | None = None
+    ) -> TrainingExample:
+        """An example with the learner view alone (e.g. an expert solution as the response):
+        it trains with the NLL objective only; the collator refuses it for DAIL."""
+        return cls(tuple(prompt_ids), (), (), tuple(response_ids), None, example_id)
+
+    @property
+    def is_learner_only(self) -> bool:
+        return not self.privileged_prompt_ids
 
     def prompt(self, view: str) -> tuple[int, ...]:
         return getattr(self, f"{view}_prompt_ids")  # type: ignore[no-any-return]
@@ -188,6 +207,14 @@ class DailCollator:
     views: tuple[str, ...] = field(default=VIEWS)
 
     def __call__(self, examples: Sequence[TrainingExample]) -> dict[str, Any]:
+        if self.views != ("learner",):
+            for example in examples:
+                if example.is_learner_only:
+                    raise ValueError(
+                        f"example {example.example_id or '?'} has the learner view only (no "
+                        "privileged or negative prompt): it trains with the NLL objective, "
+                        "not with DAIL"
+                    )
         responses = [e.response_ids for e in examples]
         batch: dict[str, Any] = {}
         for view in self.views:

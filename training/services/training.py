@@ -35,6 +35,13 @@ After training the run records how far the adapter moved (`update_norm`, the Fro
 the LoRA update) and the loss at its first and last steps; an adapter whose update norm is
 (about) zero is marked "did not move" wherever it is listed.
 
+The other data source, "expert solutions" (`training.services.expert_solutions`): the current
+solution version of each problem of a dataset (optionally the training side of the seeded
+held-out split), boxed, after the evaluation's learner prompt; NLL only (DAIL is refused). Its
+records go into the same kind of snapshot (hash checked, problem ids recorded); the dataset,
+the split and the counts are recorded in `data_filter` (`"source": "expert_solutions"`), and
+`source_runs` and `trace_ids` are empty.
+
 Execution resumes from the last complete checkpoint in the output directory (the engine does
 that); metrics of steps after that checkpoint are deleted first, since those steps run again.
 A NaN/inf loss stops the job (failed) with the last good checkpoint kept.
@@ -68,6 +75,14 @@ from training.engine.config import DailTrainingConfig
 from training.engine.data import OverlongCounts, TrainingExample, fit_to_length, views_for
 from training.engine.evaluation import TRAINING_SNAPSHOT_FILE
 from training.models import TRACE_FLAGS, TrainingMetric, TrainingRun, data_filter_rows
+from training.services.expert_solutions import (
+    EXPERT_RECORD,
+    EXPERT_SOURCE,
+    ExpertSolutionsChoice,
+    expert_solution_example,
+    expert_solution_records,
+    expert_source_description,
+)
 
 TRAINING_KIND = "training"
 SNAPSHOT_FILE = "snapshot.jsonl.gz"
@@ -126,14 +141,16 @@ def accepted_flag_annotations() -> dict[str, Count]:
 class TrainingSettings:
     """What an admin chooses for a training run (validated by `training_run_launch`).
 
-    `leave_out`: flags of `TRACE_FLAGS` whose accepted traces stay out of the snapshot
-    (default none; see the module docstring)."""
+    The data: the accepted traces of the expansion runs `run_ids`, or (`expert_solutions`)
+    the expert solutions of a dataset; one of the two. `leave_out`: flags of `TRACE_FLAGS`
+    whose accepted traces stay out of the snapshot (default none; see the module docstring)."""
 
     name: str
     base_model_path: str
-    run_ids: Sequence[int]
+    run_ids: Sequence[int] = ()
     config: dict[str, Any] = field(default_factory=training_defaults)
     leave_out: Sequence[str] = ()
+    expert_solutions: ExpertSolutionsChoice | None = None
 
 
 def accepted_trace_flags(*, run_ids: Sequence[int]) -> dict[str, int]:
@@ -261,13 +278,17 @@ def training_examples(
     records: Sequence[dict[str, Any]], tokenizer: Any, context: int | None
 ) -> tuple[list[TrainingExample], int]:
     """Token-id examples of the three views (the prompts as expansion built them, from the
-    run's templates) and the number of empty traces left out."""
+    run's templates) and the number of empty traces left out; expert-solution records become
+    learner-only examples (`expert_solutions.expert_solution_example`)."""
     from expansion.engine.prompts import PromptError, PromptTemplates, build_view_prompts
 
     prompts_by_key: dict[str, Any] = {}
     examples = []
     empty = 0
     for record in records:
+        if record.get("source") == EXPERT_RECORD:
+            examples.append(expert_solution_example(record, tokenizer))
+            continue
         if not record["token_ids"]:
             empty += 1
             continue
@@ -356,6 +377,88 @@ def _fit(
     )
 
 
+def _fit_and_plan_steps(
+    records: list[dict[str, Any]], base: Path, config: DailTrainingConfig, what: str
+) -> tuple[list[TrainingExample], OverlongCounts, int, int]:
+    """The examples that fit `max_length`, what fitting did, the empty records left out and
+    the planned optimizer steps; refuses a snapshot of which nothing fits and a warm-up that
+    is not shorter than the planned steps. `what`: the records, in words ("accepted traces")."""
+    examples, empty = training_examples(records, load_tokenizer(base), context_length(base))
+    kept, overlong = _fit(examples, config)
+    if not kept:
+        raise DomainError(
+            f"None of the {len(records)} {what} fits max_length = {config.max_length} "
+            f"tokens ({overlong.prompt_too_long} have a prompt that alone fills it, "
+            f"{overlong.skipped} were skipped as too long, {empty} are empty). Raise the "
+            "maximum length or truncate; nothing was queued.",
+            field_errors={"max_length": "nothing fits"},
+        )
+    steps = config.planned_steps(len(kept))
+    try:
+        config.check_warmup(steps)
+    except ValueError as exc:
+        raise DomainError(
+            f"Settings: {exc}. {len(kept)} {what}, micro-batch {config.micro_batch_size} x "
+            f"{config.gradient_accumulation_steps} accumulation steps, {config.epochs} "
+            f"epoch(s) give {steps} optimizer step(s): lower the warm-up below {steps} (or to "
+            f"0), or train on more {what} or epochs. Nothing was queued.",
+            field_errors={
+                "warmup_steps": f"must be below the {steps} planned optimizer step(s), or 0"
+            },
+        ) from exc
+    return kept, overlong, empty, steps
+
+
+def _expert_solutions_plan(
+    name: str,
+    config: DailTrainingConfig,
+    settings: TrainingSettings,
+    choice: ExpertSolutionsChoice,
+) -> TrainingPlan:
+    """The plan of a run on the expert solutions of a dataset (NLL only)."""
+    if config.objective != "nll":
+        raise DomainError(
+            f"The objective {config.objective!r} cannot train on expert solutions: DAIL needs "
+            "the learner, privileged and negative views of expanded traces. Choose the NLL "
+            "objective (supervised fine-tuning on the solutions), or train DAIL on the "
+            "accepted traces of expansion runs; nothing was queued.",
+            field_errors={"objective": "expert solutions train with NLL only"},
+        )
+    if settings.run_ids:
+        raise DomainError(
+            "Choose one data source: the accepted traces of expansion runs, or the expert "
+            "solutions of a dataset, not both.",
+            field_errors={"expansion_runs": "a second data source"},
+        )
+    if settings.leave_out:
+        raise DomainError(
+            "Leaving out flagged traces applies to accepted traces only; expert solutions "
+            "carry no trace flags.",
+            field_errors={"leave_out": "traces only"},
+        )
+    base = base_model_check(settings.base_model_path)
+    records, summary = expert_solution_records(choice)
+    kept, overlong, empty, steps = _fit_and_plan_steps(records, base, config, "expert solutions")
+    return TrainingPlan(
+        name=name,
+        config=config,
+        base=base,
+        runs=[],
+        traces=[],
+        records=records,
+        excluded={},
+        flagged={},
+        leave_out=[],
+        left_out={},
+        left_out_total=0,
+        examples_used=len(kept),
+        overlong=overlong,
+        empty=empty,
+        planned_steps=steps,
+        expert=summary,
+    )
+
+
 # --- Launch, cancel, retry -------------------------------------------------------------------
 
 
@@ -378,13 +481,20 @@ class TrainingPlan:
     overlong: OverlongCounts
     empty: int
     planned_steps: int
+    expert: dict[str, Any] | None = None  # the expert-solutions source's summary, if that
 
     @property
     def flag_rows(self) -> list[tuple[str, int, int | None]]:
-        return data_filter_rows(self.data_filter)
+        return [] if self.expert else data_filter_rows(self.data_filter)
+
+    @property
+    def source_description(self) -> str:
+        return expert_source_description(self.expert) if self.expert else ""
 
     @property
     def data_filter(self) -> dict[str, Any]:
+        if self.expert:
+            return dict(self.expert)
         return {
             "leave_out": self.leave_out,
             "flagged": self.flagged,
@@ -414,6 +524,8 @@ def training_run_plan(*, settings: TrainingSettings) -> TrainingPlan:
     if not name:
         raise DomainError("Give the training run a name.", field_errors={"name": "required"})
     config = training_config(dict(settings.config))
+    if settings.expert_solutions is not None:
+        return _expert_solutions_plan(name, config, settings, settings.expert_solutions)
     leave_out = _leave_out_flags(settings.leave_out)
     base = base_model_check(settings.base_model_path)
     runs = _check_runs(settings.run_ids, base)
@@ -444,29 +556,7 @@ def training_run_plan(*, settings: TrainingSettings) -> TrainingPlan:
             field_errors={"expansion_runs": "no accepted traces"},
         )
     records = [snapshot_record(t) for t in traces]
-    examples, empty = training_examples(records, load_tokenizer(base), context_length(base))
-    kept, overlong = _fit(examples, config)
-    if not kept:
-        raise DomainError(
-            f"None of the {len(records)} accepted traces fits max_length = {config.max_length} "
-            f"tokens ({overlong.prompt_too_long} have a prompt that alone fills it, "
-            f"{overlong.skipped} were skipped as too long, {empty} are empty). Raise the "
-            "maximum length or truncate; nothing was queued.",
-            field_errors={"max_length": "no trace fits"},
-        )
-    steps = config.planned_steps(len(kept))
-    try:
-        config.check_warmup(steps)
-    except ValueError as exc:
-        raise DomainError(
-            f"Settings: {exc}. {len(kept)} traces, micro-batch {config.micro_batch_size} x "
-            f"{config.gradient_accumulation_steps} accumulation steps, {config.epochs} "
-            f"epoch(s) give {steps} optimizer step(s): lower the warm-up below {steps} (or to "
-            "0), or train on more traces or epochs. Nothing was queued.",
-            field_errors={
-                "warmup_steps": f"must be below the {steps} planned optimizer step(s), or 0"
-            },
-        ) from exc
+    kept, overlong, empty, steps = _fit_and_plan_steps(records, base, config, "accepted traces")
     return TrainingPlan(
         name=name,
         config=config,
@@ -520,7 +610,7 @@ def training_run_launch(*, settings: TrainingSettings, launched_by) -> TrainingR
                 snapshot_file=str(snapshot),
                 snapshot_sha256=sha256,
                 snapshot_traces=len(records),
-                snapshot_spans=sum(len(rec["shortcut_spans"]) for rec in records),
+                snapshot_spans=sum(len(rec.get("shortcut_spans", ())) for rec in records),
                 excluded=plan.excluded,
                 data_filter=plan.data_filter,
                 examples_used=plan.examples_used,
@@ -607,6 +697,15 @@ def final_metrics(run: TrainingRun) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def training_source_description(run: TrainingRun) -> str:
+    """The run's data in one line: "expert solutions of dataset X, train side of split
+    (fraction f, seed s), N problems" or "N accepted traces of expansion runs #1, #2"."""
+    if run.data_filter.get("source") == EXPERT_SOURCE:
+        return expert_source_description(run.data_filter)
+    runs = ", ".join(f"#{r['id']}" for r in run.source_runs)
+    return f"{run.snapshot_traces} accepted traces of expansion run(s) {runs}"
+
+
 def lineage(run: TrainingRun, result: Any) -> dict[str, Any]:
     """The content of dail-training.json: the snapshot's problem ids plus where the adapter
     came from (job, data, base model, settings, final metrics)."""
@@ -623,6 +722,7 @@ def lineage(run: TrainingRun, result: Any) -> dict[str, Any]:
         "shortcut_policy": run.config.get("shortcut_policy"),
         "config": run.config,
         "snapshot": {
+            "source": training_source_description(run),
             "file": run.snapshot_file,
             "sha256": run.snapshot_sha256,
             "traces": run.snapshot_traces,
@@ -682,9 +782,14 @@ def training_run_execute(
     tokenizer = load_tokenizer(run.base_model_path)
     examples, empty = training_examples(records, tokenizer, context_length(run.base_model_path))
     kept, overlong = _fit(examples, config)
+    source = (
+        training_source_description(run)
+        if run.data_filter.get("source") == EXPERT_SOURCE
+        else f"{len(records)} accepted traces from expansion run(s) "
+        f"{', '.join('#' + str(r['id']) for r in run.source_runs)}"
+    )
     log(
-        f"snapshot: {len(records)} accepted traces from expansion run(s) "
-        f"{', '.join('#' + str(r['id']) for r in run.source_runs)} (SHA-256 "
+        f"snapshot: {source} (SHA-256 "
         f"{run.snapshot_sha256[:12]}…); {len(kept)} used, {overlong.truncated} truncated "
         f"({overlong.response_tokens_dropped} tokens cut), {overlong.skipped} skipped as too "
         f"long, {overlong.prompt_too_long} with a prompt longer than max_length, {empty} empty"
