@@ -302,6 +302,9 @@ JOB_RESEND_MAX = env_int("DAIL_JOB_RESEND_MAX", 3)
 # worker that died: pages then say that its queue has no worker.
 WORKER_HEARTBEAT_SECONDS = env_int("DAIL_WORKER_HEARTBEAT_SECONDS", 10)
 WORKER_STALE_SECONDS = env_int("DAIL_WORKER_STALE_SECONDS", 35)
+# Sequences per sampling call of an evaluation job: problems' sample batches are packed up to
+# it (training.evaluations.services). On a GPU with vLLM, hundreds keep the engine busy.
+EVALUATION_MAX_BATCH_SIZE = env_int("DAIL_EVALUATION_MAX_BATCH_SIZE", 32)
 
 # --- vLLM (expansion runs and evaluations with backend "vllm") ---------------------------
 # KV cache per engine in GiB; 0 leaves it to vLLM (on CPU: 30 % of RAM, on a GPU: 85 % of it).

@@ -30,11 +30,24 @@ def settings(**overrides) -> ev.SamplingSettings:
     return ev.SamplingSettings(**(values | overrides))
 
 
-def sample(model, tokenizer, indices=range(8), seed=1, **overrides):
-    prompt = ev.evaluation_prompt_ids(tokenizer, "What is $1 + 1$?")
+def unit(tokenizer, problem="What is $1 + 1$?", indices=range(8), key="1/a#0", seed=0):
+    prompt = ev.evaluation_prompt_ids(tokenizer, problem)
+    return ev.SamplingUnit(key, tuple(prompt), tuple(indices), seed)
+
+
+def sample_units(model, tokenizer, units, **overrides):
     return ev.generate_completions(
-        "transformers", model, tokenizer, prompt, indices, settings=settings(**overrides), seed=seed
+        "transformers", model, tokenizer, units, settings=settings(**overrides)
     )
+
+
+def sample(model, tokenizer, indices=range(8), seed=0, **overrides):
+    """One unit alone in its call (the call seed comes from `seed` and the unit's key)."""
+    (completions,) = ev.generate_completions(
+        "transformers", model, tokenizer, [unit(tokenizer, indices=indices)],
+        settings=settings(seed=seed, **overrides),
+    )  # fmt: skip
+    return completions
 
 
 # --- Sampling ---------------------------------------------------------------------------------
@@ -63,7 +76,7 @@ def test_token_counts_stop_at_the_first_eos(model, tiny_tokenizer):
         assert c.text == tiny_tokenizer.decode(list(c.token_ids), skip_special_tokens=True)
 
 
-def test_sampling_is_seeded_per_batch(model, tiny_tokenizer):
+def test_sampling_is_seeded_per_call(model, tiny_tokenizer):
     first = sample(model, tiny_tokenizer, seed=7)
     again = sample(model, tiny_tokenizer, seed=7)
     other = sample(model, tiny_tokenizer, seed=8)
@@ -95,10 +108,10 @@ def test_a_lower_budget_is_a_prefix_of_the_full_generation(model, tiny_tokenizer
 
 def test_each_step_is_reported_and_can_stop_the_batch(model, tiny_tokenizer):
     steps = []
-    prompt = ev.evaluation_prompt_ids(tiny_tokenizer, "x")
+    units = [unit(tiny_tokenizer, "x", range(2))]
     ev.generate_completions(
-        "transformers", model, tiny_tokenizer, prompt, range(2), settings=settings(max_new_tokens=5),
-        seed=0, on_step=steps.append,
+        "transformers", model, tiny_tokenizer, units, settings=settings(max_new_tokens=5),
+        on_step=steps.append,
     )  # fmt: skip
     assert steps == [1, 2, 3, 4, 5]
 
@@ -111,9 +124,104 @@ def test_each_step_is_reported_and_can_stop_the_batch(model, tiny_tokenizer):
 
     with pytest.raises(Stop):
         ev.generate_completions(
-            "transformers", model, tiny_tokenizer, prompt, range(2), settings=settings(),
-            seed=0, on_step=cancel,
-        )  # fmt: skip
+            "transformers", model, tiny_tokenizer, units, settings=settings(), on_step=cancel
+        )
+
+
+# --- Many units in one call ---------------------------------------------------------------------
+
+# top_p this small keeps only the most likely token: sampling is greedy, whatever the seed, so a
+# unit's completions can be compared across groupings.
+GREEDY = {"temperature": 1.0, "top_p": 1e-9}
+
+
+def mixed_units(tokenizer):
+    """Three problems with prompts of different lengths, units of different sizes."""
+    return [
+        unit(tokenizer, "What is $1 + 1$?", range(0, 3), key="1/a#0"),
+        unit(tokenizer, "Find all primes $p$ such that $p^2 + 2$ is prime.", range(3, 5), "1/b#1"),
+        unit(tokenizer, "x", range(0, 2), key="1/c#0"),
+    ]
+
+
+def test_many_units_are_sampled_in_one_generate_call(model, tiny_tokenizer, monkeypatch):
+    calls = []
+    real = type(model).generate
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs["input_ids"].shape)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", counting)
+    units = mixed_units(tiny_tokenizer)
+    out = sample_units(model, tiny_tokenizer, units)
+    assert len(calls) == 1 and calls[0][0] == 3 + 2 + 2  # one row per sample, left-padded
+    assert [[c.sample_index for c in cs] for cs in out] == [[0, 1, 2], [3, 4], [0, 1]]
+    for completions in out:
+        for c in completions:
+            assert len(c.token_ids) == c.token_count <= 32
+            assert tiny_tokenizer.eos_token_id not in c.token_ids
+            assert c.text == tiny_tokenizer.decode(list(c.token_ids), skip_special_tokens=True)
+    # The call seed is the evaluation seed and the units it holds: same call, same samples.
+    again = sample_units(model, tiny_tokenizer, units)
+    assert [[c.token_ids for c in cs] for cs in again] == [[c.token_ids for c in cs] for cs in out]
+    assert ev.call_seed(0, units) != ev.call_seed(0, units[:2]) != ev.call_seed(1, units[:2])
+
+
+@pytest.mark.parametrize("protocol", ["workbench", "release"])
+def test_left_padding_does_not_change_a_unit(tiny_model_factory, tiny_tokenizer, protocol):
+    """Greedy-equivalent sampling: each unit's completions in a mixed call equal those it gets
+    alone (no padding), under the presence penalty too (it sees generated tokens only)."""
+    model = tiny_model_factory(torch.float64, seed=MODEL_SEED)
+    units = mixed_units(tiny_tokenizer)
+    together = sample_units(model, tiny_tokenizer, units, protocol=protocol, **GREEDY)
+    for u, completions in zip(units, together, strict=True):
+        (alone,) = sample_units(model, tiny_tokenizer, [u], protocol=protocol, **GREEDY)
+        assert [c.token_ids for c in completions] == [c.token_ids for c in alone]
+        assert [c.finish_reason for c in completions] == [c.finish_reason for c in alone]
+    if protocol == "release":
+        plain = sample_units(model, tiny_tokenizer, units, **GREEDY)
+        first_pass = [
+            [c.token_ids[: c.token_count - c.forced_tokens] for c in cs] for cs in together
+        ]
+        assert first_pass != [[c.token_ids for c in cs] for cs in plain], "the penalty applies"
+
+
+def test_stop_strings_cut_each_row_of_a_mixed_call(tiny_model_factory, tiny_tokenizer, monkeypatch):
+    model = tiny_model_factory(torch.float64, seed=MODEL_SEED)
+    units = mixed_units(tiny_tokenizer)
+    plain = sample_units(model, tiny_tokenizer, units, **GREEDY)
+    # A stop string taken from the middle of the first unit's greedy text.
+    text = plain[0][0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert len(stop) == 3 and stop.strip()
+    cutting = dataclasses.replace(
+        ev.EVALUATION_PROTOCOLS["release"], presence_penalty=0.0, force_answer=False,
+        stop_strings=(stop,),
+    )  # fmt: skip
+    monkeypatch.setitem(ev.EVALUATION_PROTOCOLS, "release", cutting)
+    cut = sample_units(model, tiny_tokenizer, units, protocol="release", **GREEDY)
+    for plain_unit, cut_unit in zip(plain, cut, strict=True):
+        for p, c in zip(plain_unit, cut_unit, strict=True):
+            if stop in p.text:
+                assert c.finish_reason == "stop" and c.text == p.text[: p.text.index(stop)]
+                assert p.token_ids[: c.token_count] == c.token_ids
+            else:
+                assert (c.token_ids, c.finish_reason) == (p.token_ids, p.finish_reason)
+    assert cut[0][0].finish_reason == "stop"
+
+
+def test_units_are_a_problems_missing_batches_packed_into_calls():
+    chosen = settings(samples=10, batch_size=4, seed=5)
+    units = ev.problem_units("1/a", [1, 2], chosen, stored={0, 1, 2, 3, 4})
+    assert [u.sample_indices for u in units] == [(4, 5, 6, 7), (8, 9)]  # batch 0 is complete
+    assert [u.key for u in units] == ["1/a#1", "1/a#2"]
+    assert units[0].seed == ev.batch_seed(5, "1/a", 1) and units[0].prompt_ids == (1, 2)
+    more = units + ev.problem_units("1/b", [3], chosen)
+    sizes = [[len(u.sample_indices) for u in call] for call in ev.pack_units(more, 8)]
+    assert sizes == [[4, 2], [4, 4], [2]]
+    assert [len(call) for call in ev.pack_units(more, 3)] == [1, 1, 1, 1, 1]  # a big unit alone
+    assert ev.generate_completions("transformers", None, None, [], settings=chosen) == []
 
 
 def test_unknown_backends_are_refused_and_vllm_reports_why_it_is_missing(
@@ -121,8 +229,9 @@ def test_unknown_backends_are_refused_and_vllm_reports_why_it_is_missing(
 ):
     with pytest.raises(ev.BackendUnavailableError, match="unknown backend 'tgi'"):
         ev.generate_completions(
-            "tgi", model, tiny_tokenizer, [1, 2], [0], settings=settings(), seed=0
-        )
+            "tgi", model, tiny_tokenizer, [ev.SamplingUnit("1/a#0", (1, 2), (0,), 0)],
+            settings=settings(),
+        )  # fmt: skip
     assert ev.backend_unavailable_reason("transformers") == ""
     # Whether vLLM is installed here or not, the engine passes on the installation's own answer.
     monkeypatch.setattr(ev, "vllm_unavailable_reason", lambda: "vLLM is not installed")
@@ -139,6 +248,7 @@ def test_unknown_backends_are_refused_and_vllm_reports_why_it_is_missing(
         ({"temperature": 0}, "temperature"),
         ({"top_p": 1.5}, "top_p"),
         ({"batch_size": 0}, "batch_size"),
+        ({"max_batch_size": 0}, "max_batch_size"),
         ({"seed": -1}, "seed"),
         ({"seed": 2**63}, "seed"),  # past the signed 64-bit column it is stored in
         ({"seed": True}, "seed"),
@@ -409,19 +519,23 @@ def test_the_force_answer_pass_runs_only_for_samples_without_a_box(tiny_tokenize
     first = [(encode("It is \\boxed{5}."), True), (encode("It is five"), True)]
     calls = []
 
-    def fake_rows(model, tokenizer, prompt_ids, rows, *, settings, max_new_tokens, **kwargs):
-        calls.append((list(prompt_ids), rows, max_new_tokens))
+    def fake_rows(model, tokenizer, prompts, *, settings, max_new_tokens, **kwargs):
+        calls.append(([list(p) for p in prompts], max_new_tokens))
         return first if len(calls) == 1 else [(encode(" \\boxed{5}"), True)]
 
     monkeypatch.setattr(ev, "_generate_rows", fake_rows)
-    prompt = [1, 2, 3]
-    out = ev.generate_completions_transformers(
-        None, tiny_tokenizer, prompt, [0, 1], settings=settings(protocol="release"), seed=0
-    )
+    prompt = (1, 2, 3)
+    (out,) = ev.generate_completions_transformers(
+        None, tiny_tokenizer, [ev.SamplingUnit("1/a#0", prompt, (0, 1), 0)],
+        settings=settings(protocol="release"),
+    )  # fmt: skip
     assert len(calls) == 2  # one batch, then one force-answer pass (sample 1 only)
-    forced_prompt, rows, limit = calls[1]
-    assert rows == 1 and limit == 100
-    assert forced_prompt == prompt + encode("It is five\n The final answer (in \\boxed{}):")
+    assert calls[0] == ([list(prompt)] * 2, 32)
+    forced_prompts, limit = calls[1]
+    assert limit == 100
+    assert forced_prompts == [
+        list(prompt) + encode("It is five\n The final answer (in \\boxed{}):")
+    ]
     boxed, forced = out
     assert boxed.forced_tokens == 0 and boxed.text == "It is \\boxed{5}."
     assert forced.forced_tokens == len(encode(" \\boxed{5}"))
@@ -451,10 +565,11 @@ def test_release_protocol_on_the_real_model(smollm, monkeypatch):
     short = dataclasses.replace(ev.EVALUATION_PROTOCOLS["release"], force_answer_tokens=12)
     monkeypatch.setitem(ev.EVALUATION_PROTOCOLS, "release", short)
     prompt = ev.evaluation_prompt_ids(tokenizer, "What is $2 + 3$?")
-    chosen = settings(samples=3, max_new_tokens=12, temperature=0.6, top_p=0.95, protocol="release")
-    out = ev.generate_completions(
-        "transformers", model, tokenizer, prompt, range(3), settings=chosen, seed=3
+    units = [ev.SamplingUnit("1/a#0", tuple(prompt), (0, 1, 2), 0)]
+    chosen = settings(
+        samples=3, max_new_tokens=12, temperature=0.6, top_p=0.95, protocol="release", seed=3
     )
+    (out,) = ev.generate_completions("transformers", model, tokenizer, units, settings=chosen)
     forced = [c for c in out if c.forced_tokens]
     assert forced, "the fixture should have a sample without a box"
     for c in out:
@@ -469,7 +584,5 @@ def test_release_protocol_on_the_real_model(smollm, monkeypatch):
         assert judge_completion(c.text, "5").predicted == (
             judge_completion(tail, "5").predicted or ""
         )
-    again = ev.generate_completions(
-        "transformers", model, tokenizer, prompt, range(3), settings=chosen, seed=3
-    )
+    (again,) = ev.generate_completions("transformers", model, tokenizer, units, settings=chosen)
     assert [c.text for c in again] == [c.text for c in out]

@@ -387,23 +387,28 @@ class TestLoraEngine:
 
 
 def test_evaluation_sampling_on_vllm(plain_backend, smollm):
-    """`generate_completions_vllm`: seeded per sample (a batch's samples differ; the same
-    sample index gives the same sample in another batch), EOS stripped and not counted."""
+    """`generate_completions_vllm`: seeded per sample (a unit's samples differ; the same
+    sample index of the same unit gives the same sample in another call, whatever units share
+    it), EOS stripped and not counted."""
     from training.engine.evaluation import (
         SamplingSettings,
+        SamplingUnit,
         evaluation_prompt_ids,
         generate_completions,
     )
 
     tokenizer = smollm[1]
-    prompt = evaluation_prompt_ids(tokenizer, "What is $2 + 3$?")
+    prompt = tuple(evaluation_prompt_ids(tokenizer, "What is $2 + 3$?"))
+    other = SamplingUnit("1/b#0", tuple(evaluation_prompt_ids(tokenizer, "Is 7 prime?")), (0,), 5)
     settings = SamplingSettings(samples=4, max_new_tokens=24, temperature=1.0, top_p=0.95)
-    first = generate_completions(
-        "vllm", plain_backend, tokenizer, prompt, range(4), settings=settings, seed=11
-    )
-    again = generate_completions(
-        "vllm", plain_backend, tokenizer, prompt, [2, 3], settings=settings, seed=11
-    )
+    (first,) = generate_completions(
+        "vllm", plain_backend, tokenizer, [SamplingUnit("1/a#0", prompt, (0, 1, 2, 3), 11)],
+        settings=settings,
+    )  # fmt: skip
+    _, again = generate_completions(
+        "vllm", plain_backend, tokenizer, [other, SamplingUnit("1/a#0", prompt, (2, 3), 11)],
+        settings=settings,
+    )  # fmt: skip
     assert [c.sample_index for c in first] == [0, 1, 2, 3]
     assert len({c.token_ids for c in first}) > 1  # not one sample four times
     assert [c.token_ids for c in again] == [c.token_ids for c in first[2:]]

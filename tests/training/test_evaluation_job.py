@@ -1,7 +1,7 @@
 """An evaluation end to end with the real embedded model (SmolLM2-135M-Instruct) and a real
 Celery worker on the `gpu` queue: 3 problems x 4 samples at 48 tokens, launched from the web
-form, cancelled part-way (stored samples kept), retried (only missing batches drawn), and
-read back as pass@k and budget curves. The model solves little; nothing here expects it to."""
+form, two problems per sampling call, cancelled part-way (stored samples kept), retried
+(only missing batches drawn), and read back as pass@k and budget curves. The model solves little; nothing here expects it to."""
 
 from __future__ import annotations
 
@@ -27,7 +27,10 @@ PROBLEMS = [
 def test_evaluation_runs_on_a_worker_cancels_resumes_and_reports(
     client, celery_worker_factory, embedded_model_dir
 ):
-    celery_worker_factory(name="gpu-eval", queues="gpu")
+    # Calls of 8 sequences: problems 1 and 2 share the first call, problem 3 has its own.
+    celery_worker_factory(
+        name="gpu-eval", queues="gpu", env={"DAIL_EVALUATION_MAX_BATCH_SIZE": "8"}
+    )
     dataset = make_dataset(name="smoke")
     for statement, answer in PROBLEMS:
         make_problem(dataset=dataset, statement=statement, answer=answer)
@@ -57,13 +60,13 @@ def test_evaluation_runs_on_a_worker_cancels_resumes_and_reports(
     job = evaluation.job
     assert job.queue == "gpu"
 
-    # Cancel once the first problem's batch is stored; what was stored stays. (Timeouts are
+    # Cancel once the first call's samples are stored; what was stored stays. (Timeouts are
     # generous: on 2 busy cores the 135M model can take minutes for 48 tokens x 4 samples.)
     wait_for(lambda: EvaluationSample.objects.count() >= 4, timeout=600, interval=0.5)
     job_cancel(job_id=job.pk, by=admin)
     wait_for(lambda: job.__class__.objects.get(pk=job.pk).state == JobState.CANCELLED, timeout=120)
     kept = dict(EvaluationSample.objects.values_list("pk", "text"))
-    assert 4 <= len(kept) < 12 and len(kept) % 4 == 0  # whole batches
+    assert len(kept) == 8  # the first call's two problems, whole
 
     job_retry(job_id=job.pk, by=admin)
 

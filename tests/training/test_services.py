@@ -203,58 +203,78 @@ def stored(evaluation) -> dict[tuple[int, int], tuple[int, str, int]]:
     }
 
 
-def test_execution_stores_every_sample_and_resumes_without_redrawing(
-    queue, tiny_model_path, monkeypatch
-):
-    dataset, _ = problems(3)
+def counting_calls(monkeypatch) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Spy on the engine's sampling (the real function still runs): each call's units."""
     calls = []
     real = engine.generate_completions
 
-    def counting(*args, **kwargs):
-        calls.append(list(args[4]))
-        return real(*args, **kwargs)
+    def counting(backend, model, tokenizer, units, **kwargs):
+        calls.append([(unit.key.split("/")[1], unit.sample_indices) for unit in units])
+        return real(backend, model, tokenizer, units, **kwargs)
 
     monkeypatch.setattr(engine, "generate_completions", counting)
+    return calls
+
+
+def test_execution_batches_problems_stores_every_sample_and_resumes(
+    queue, tiny_model_path, monkeypatch, settings
+):
+    """Units (a problem's batch of 2 samples) are packed into calls of up to 8 sequences:
+    3 problems take 2 calls. Interrupted after the first call, the retry samples only the
+    missing problem's units."""
+    settings.EVALUATION_MAX_BATCH_SIZE = 8
+    dataset, chosen = problems(3)
+    ids = [p.external_id for p in chosen]
+    calls = counting_calls(monkeypatch)
     reference = launch(tiny_model_path, dataset, name="uninterrupted")
+    stages = []
     services.evaluation_execute(
-        evaluation_id=reference.pk, progress=lambda *a: None, log=lambda m: None
+        evaluation_id=reference.pk, progress=lambda d, t, s: stages.append(s), log=lambda m: None
     )
-    assert len(calls) == 3 * 2  # 3 problems x 2 batches of 2
+    assert calls == [
+        [(f"{ids[0]}#0", (0, 1)), (f"{ids[0]}#1", (2, 3)), (f"{ids[1]}#0", (0, 1)),
+         (f"{ids[1]}#1", (2, 3))],
+        [(f"{ids[2]}#0", (0, 1)), (f"{ids[2]}#1", (2, 3))],
+    ]  # fmt: skip
+    assert any(stage.startswith("call 1/2: 2 problems") for stage in stages)
     full = stored(reference)
-    assert len(full) == 12
+    assert len(full) == 12  # every sample once (the unique constraint would refuse a second)
     assert all(0 <= tokens <= 8 for _, _, tokens in full.values())
 
-    # Interrupted after the first problem's two batches, as a cancel would stop it.
+    # Interrupted after the first call, as a cancel would stop it.
     resumed = launch(tiny_model_path, dataset, name="interrupted")
     seen = []
 
-    def stop_after_first_problem(done, total, stage):
+    def stop_after_first_call(done, total, stage):
         seen.append((done, total))
-        if done >= 4:
+        if done >= 8:
             raise Stop
 
     calls.clear()
     with pytest.raises(Stop):
         services.evaluation_execute(
-            evaluation_id=resumed.pk, progress=stop_after_first_problem, log=lambda m: None
+            evaluation_id=resumed.pk, progress=stop_after_first_call, log=lambda m: None
         )
     partial = stored(resumed)
-    assert sorted(partial) == [(0, 0), (0, 1), (0, 2), (0, 3)]
-    assert seen[-1] == (4, 12)
+    assert sorted(partial) == [(p, i) for p in (0, 1) for i in range(4)]
+    assert seen[-1] == (8, 12)
 
     calls.clear()
     progress = []
+    logged = []
     summary = services.evaluation_execute(
         evaluation_id=resumed.pk,
         progress=lambda d, t, s: progress.append((d, t)),
-        log=lambda m: None,
+        log=logged.append,
     )
-    assert calls == [[0, 1], [2, 3], [0, 1], [2, 3]]  # only problems 2 and 3 drawn again
-    assert progress[0] == (4, 12) and progress[-1] == (12, 12)
-    assert summary["sampled_now"] == 8 and summary["samples"] == 12
+    assert calls == [[(f"{ids[2]}#0", (0, 1)), (f"{ids[2]}#1", (2, 3))]]  # only the missing
+    assert progress[0] == (8, 12) and progress[-1] == (12, 12)
+    assert summary["sampled_now"] == 4 and summary["samples"] == 12
+    assert [m.split(" ")[0] for m in logged[1:]] == [ids[2]]  # one line per problem sampled
     after = stored(resumed)
     assert all(after[key][0] == partial[key][0] for key in partial)  # earlier rows untouched
-    # Same samples as the uninterrupted run: batches are seeded by problem and batch index.
+    # The retry's call holds the same units as the uninterrupted run's second call, so it has
+    # the same seed and the same samples (a call is seeded by the units it holds).
     assert {k: v[1:] for k, v in after.items()} == {k: v[1:] for k, v in full.items()}
 
     calls.clear()
@@ -264,7 +284,27 @@ def test_execution_stores_every_sample_and_resumes_without_redrawing(
     assert calls == [] and again["sampled_now"] == 0
 
 
-def test_a_missing_batch_is_redrawn_identically(queue, tiny_model_path):
+def test_a_cancel_mid_call_stores_none_of_the_call(queue, tiny_model_path, monkeypatch):
+    dataset, _ = problems(2)
+    evaluation = launch(tiny_model_path, dataset)
+
+    def cancel_mid_call(done, total, stage):
+        if stage.startswith("call 1/1") and done == 0 and cancel_mid_call.steps == 3:
+            raise Stop
+        cancel_mid_call.steps += 1
+
+    cancel_mid_call.steps = 0
+    with pytest.raises(Stop):
+        services.evaluation_execute(
+            evaluation_id=evaluation.pk, progress=cancel_mid_call, log=lambda m: None
+        )
+    assert stored(evaluation) == {}
+
+
+def test_a_missing_sample_is_redrawn_and_its_batch_mate_kept(queue, tiny_model_path, monkeypatch):
+    """Semantics on transformers: the retry's call holds only the missing unit, so its seed
+    (and the redrawn sample) differs from the first call's; only the missing sample is
+    stored."""
     dataset, _ = problems(1)
     evaluation = launch(tiny_model_path, dataset)
     services.evaluation_execute(
@@ -272,12 +312,15 @@ def test_a_missing_batch_is_redrawn_identically(queue, tiny_model_path):
     )
     before = stored(evaluation)
     EvaluationSample.objects.filter(eval_problem__evaluation=evaluation, sample_index=3).delete()
-    services.evaluation_execute(
+    calls = counting_calls(monkeypatch)
+    summary = services.evaluation_execute(
         evaluation_id=evaluation.pk, progress=lambda *a: None, log=lambda m: None
     )
+    assert [[indices for _, indices in call] for call in calls] == [[(2, 3)]]
+    assert summary["sampled_now"] == 1
     after = stored(evaluation)
-    assert after[(0, 3)][1:] == before[(0, 3)][1:]
-    assert after[(0, 2)][0] == before[(0, 2)][0]  # its batch-mate was kept, not stored again
+    assert sorted(after) == sorted(before)
+    assert all(after[k] == before[k] for k in before if k != (0, 3))  # batch-mate kept
 
 
 def test_execution_with_an_adapter(queue, tiny_model_path, tiny_adapter_path):
@@ -314,20 +357,22 @@ def test_samples_are_judged_and_a_ruling_overrides_the_checkers(
         ],
     }
 
-    def fake_generate(
-        backend, model, tokenizer, prompt_ids, indices, *, settings, seed, on_step=None
-    ):
-        texts = scripted[current["answer"]]
+    def fake_generate(backend, model, tokenizer, units, *, settings, on_step=None):
         return [
-            engine.Completion(i, texts[i], token_count=3 + i, finish_reason="eos") for i in indices
+            [
+                engine.Completion(i, scripted[answers[unit.prompt_ids]][i], 3 + i, "eos")
+                for i in unit.sample_indices
+            ]
+            for unit in units
         ]
 
-    current = {}
+    answers = {}  # prompt ids -> the problem's answer
     real_prompt = engine.evaluation_prompt_ids
 
     def remember_answer(tokenizer, problem, template, reasoning):
-        current["answer"] = Problem.objects.get(statement=problem).answer
-        return real_prompt(tokenizer, problem, template, reasoning)
+        ids = real_prompt(tokenizer, problem, template, reasoning)
+        answers[tuple(ids)] = Problem.objects.get(statement=problem).answer
+        return ids
 
     monkeypatch.setattr(engine, "generate_completions", fake_generate)
     monkeypatch.setattr(engine, "evaluation_prompt_ids", remember_answer)

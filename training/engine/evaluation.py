@@ -4,16 +4,26 @@ verdicts into pass@k and pass@k-against-token-budget metrics.
 - **Prompts.** The learner's view (`## Problem: ...`) through the model's chat template, with
   one added line asking for the answer in `\\boxed{}` (ours: the answer checker reads the last
   box, and a base model that is not told so rarely writes one). The template is a setting.
-- **Sampling** (`generate_completions`): one function per backend behind one switch.
-  `transformers` is implemented here: the n samples of a problem are split into fixed
-  batches of `batch_size` copies of the same prompt (no padding needed) and each batch is
-  seeded from `(seed, problem key, batch index)`. The same settings on the same device give
-  the same samples, and a resumed job that regenerates only its missing batches gets what an
-  uninterrupted one would have. `vllm` (`generate_completions_vllm`) samples on the engine of
+- **Sampling** (`generate_completions`): one function per backend behind one switch. The n
+  samples of a problem are split into fixed batches of `batch_size` sample indices
+  (`sample_batches`); a problem's batch is a `SamplingUnit`, the unit of resumption (a job
+  stores a unit's missing samples and never redraws stored ones). One backend call draws
+  several units, from one or many problems (`pack_units`: consecutive units up to
+  `max_batch_size` sequences), so the batch stays full across problems.
+  `transformers`: one `model.generate` over every row of the call, prompts left-padded with
+  an attention mask (all rows' prompts end at the same column, so the presence penalty, stop
+  strings and the EOS cut see generated tokens only), seeded once per call by
+  `call_seed(seed, units)`: the evaluation seed and the keys of the units it holds (problem
+  key and batch index). The same problems and settings on the same device give the same
+  samples; a resumed evaluation groups its missing units into calls of its own, so their
+  samples are drawn with those calls' seeds (the same distribution, not the same draws as an
+  uninterrupted run). `vllm` (`generate_completions_vllm`) samples on the engine of
   `expansion.engine.backend_vllm.VllmBackend` (its adapter, if any, via `LoRARequest`): one
-  request per sample, seeded from (batch seed, sample index), so a sample does not depend on
-  which others share its batch. The two backends draw different random numbers: the same
-  seed gives different samples on each (the same distribution).
+  request per sample, seeded by (unit seed `batch_seed(seed, problem key, batch index)`,
+  sample index), so a vLLM sample does not depend on which others share its call, and a
+  resumed evaluation gets what an uninterrupted one would have. The two backends draw
+  different random numbers: the same seed gives different samples on each (the same
+  distribution).
 - **Protocols** (`EVALUATION_PROTOCOLS`, recorded with each evaluation): `workbench` samples
   with temperature and top-p only; `release` follows the release's `eval/eval.py`: presence
   penalty 1.5 (on transformers `PresencePenaltyProcessor`, vLLM's definition: minus 1.5 on the
@@ -21,8 +31,10 @@ verdicts into pass@k and pass@k-against-token-budget metrics.
   pass stops at `</think>` (finish reason `stop`; the stop string is not part of the text), and
   every sample without a `\\boxed{` gets a second, force-answer pass: the assistant turn
   continued with its text and "\\n The final answer (in \\boxed{}):" for 100 more tokens
-  (seeded per sample; same temperature, top-p and penalty). Its tokens are counted in the
-  sample's tokens (`forced_tokens` says how many); token budgets cap the first pass only.
+  (same temperature, top-p and penalty; on vLLM seeded per sample, on transformers one more
+  `generate` for all such samples of the call, seeded from the call seed). Its tokens are
+  counted in the sample's tokens (`forced_tokens` says how many); token budgets cap the first
+  pass only.
 - **Token counts.** A sample's tokens are the ones it generated before its end-of-sequence
   token (EOS itself not counted); a sample that never emitted EOS used all `max_new_tokens`
   and finished by `length`.
@@ -52,7 +64,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +73,7 @@ import numpy as np
 import torch
 
 from expansion.engine.backend_vllm import vllm_unavailable_reason
+from expansion.engine.model_views import left_pad
 from expansion.engine.prompts import LEARNER_TEMPLATE, PromptTemplates, chat_prompt_text
 from expansion.engine.rollout import SEED_MAX, is_plain_int
 from training.engine.metrics import PassAtKReport, pass_at_k_report
@@ -70,6 +83,7 @@ TRAINING_SNAPSHOT_FILE = "dail-training.json"
 BACKENDS = ("transformers", "vllm")
 MAX_SAMPLES = 1024
 MAX_NEW_TOKENS = 32768
+MAX_BATCH_SIZE = 32  # sequences per backend call, by default (`SamplingSettings`)
 
 
 class EvaluationError(ValueError):
@@ -143,6 +157,9 @@ class SamplingSettings:
     seed: int = 0
     batch_size: int = 8
     protocol: str = DEFAULT_PROTOCOL  # a key of EVALUATION_PROTOCOLS
+    # The most sequences one backend call holds: units are packed up to it (`pack_units`).
+    # Not recorded with an evaluation; on transformers, grouping decides the call seeds.
+    max_batch_size: int = MAX_BATCH_SIZE
 
     @property
     def protocol_spec(self) -> EvaluationProtocol:
@@ -168,6 +185,8 @@ class SamplingSettings:
             raise EvaluationError(f"top_p must be in (0, 1]; got {self.top_p}")
         if not 1 <= self.batch_size <= 1024:
             raise EvaluationError(f"batch_size must be 1..1024; got {self.batch_size}")
+        if not 1 <= self.max_batch_size <= 4096:
+            raise EvaluationError(f"max_batch_size must be 1..4096; got {self.max_batch_size}")
         check_seed("seed", self.seed)
 
 
@@ -237,6 +256,62 @@ def batch_seed(seed: int, problem_key: str, batch_index: int) -> int:
     """The torch seed of one batch: stable across runs, processes and resumptions."""
     digest = hashlib.blake2b(f"{seed}\x1f{problem_key}\x1f{batch_index}".encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class SamplingUnit:
+    """One prompt's batch of sample indices (a problem's batch of `sample_batches`): the unit
+    of resumption. A backend call draws one or more units."""
+
+    key: str  # the problem key and batch index (`unit_key`): names the unit in call seeds
+    prompt_ids: tuple[int, ...]
+    sample_indices: tuple[int, ...]
+    seed: int  # `batch_seed(seed, problem key, batch index)`: vLLM's per-sample seeds
+
+
+def unit_key(problem_key: str, batch_index: int) -> str:
+    return f"{problem_key}#{batch_index}"
+
+
+def problem_units(
+    problem_key: str,
+    prompt_ids: Sequence[int],
+    settings: SamplingSettings,
+    *,
+    stored: Collection[int] = (),
+) -> list[SamplingUnit]:
+    """A problem's units that still miss a sample (a unit is drawn whole; the caller stores
+    only the missing ones)."""
+    return [
+        SamplingUnit(
+            key=unit_key(problem_key, batch_index),
+            prompt_ids=tuple(int(i) for i in prompt_ids),
+            sample_indices=tuple(indices),
+            seed=batch_seed(settings.seed, problem_key, batch_index),
+        )
+        for batch_index, indices in enumerate(sample_batches(settings.samples, settings.batch_size))
+        if any(i not in stored for i in indices)
+    ]
+
+
+def pack_units(units: Sequence[SamplingUnit], max_batch_size: int) -> list[list[SamplingUnit]]:
+    """Consecutive units grouped into calls of at most `max_batch_size` sequences (a unit
+    larger than that is a call on its own)."""
+    calls: list[list[SamplingUnit]] = []
+    rows = 0
+    for unit in units:
+        if calls and rows + len(unit.sample_indices) <= max_batch_size:
+            calls[-1].append(unit)
+            rows += len(unit.sample_indices)
+        else:
+            calls.append([unit])
+            rows = len(unit.sample_indices)
+    return calls
+
+
+def call_seed(seed: int, units: Sequence[SamplingUnit]) -> int:
+    """The torch seed of one transformers call: the evaluation seed and the units it holds."""
+    return batch_seed(seed, "|".join(unit.key for unit in units), 0)
 
 
 def backend_unavailable_reason(backend: str) -> str:
@@ -373,32 +448,35 @@ def force_answer_seed(seed: int, sample_index: int) -> int:
 def _generate_rows(
     model: Any,
     tokenizer: Any,
-    prompt_ids: Sequence[int],
-    rows: int,
+    prompts: Sequence[Sequence[int]],
     *,
     settings: SamplingSettings,
     max_new_tokens: int,
     stop_strings: Sequence[str] = (),
     on_step: Callable[[int], None] | None = None,
 ) -> list[tuple[list[int], bool]]:
-    """`rows` samples of one prompt with `model.generate`: (ids before EOS, ended by EOS)."""
+    """One sample per prompt with one `model.generate` over all of them: (ids before EOS,
+    ended by EOS) per row. Prompts are left-padded (attention mask 0 on the padding), so
+    every row's prompt ends at the same column P and `[:, P:]` is exactly what was generated
+    (what the presence penalty, the stop strings and the EOS cut look at)."""
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
     device = next(model.parameters()).device
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    input_ids = torch.tensor([list(prompt_ids)] * rows, dtype=torch.long, device=device)  # (B, P)
-    criteria = StoppingCriteriaList([_StepCallback(input_ids.shape[1], on_step)] if on_step else [])
+    input_ids, valid = left_pad([list(p) for p in prompts], device, pad)  # (B, P)
+    prompt_length = input_ids.shape[1]
+    criteria = StoppingCriteriaList([_StepCallback(prompt_length, on_step)] if on_step else [])
     penalty = settings.protocol_spec.presence_penalty
     processors = LogitsProcessorList(
-        [PresencePenaltyProcessor(penalty, input_ids.shape[1])] if penalty else []
+        [PresencePenaltyProcessor(penalty, prompt_length)] if penalty else []
     )
     extra: dict[str, Any] = (
         {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
     )
     output = model.generate(
         input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
+        attention_mask=valid.long(),
         do_sample=True,
         temperature=settings.temperature,
         top_p=settings.top_p,
@@ -410,13 +488,24 @@ def _generate_rows(
         logits_processor=processors,
         **extra,
     )
-    generated = output[:, input_ids.shape[1] :].cpu()  # (B, T)
+    generated = output[:, prompt_length:].cpu()  # (B, T)
     is_eos = torch.isin(generated, torch.tensor(eos))  # (B, T)
     result = []
-    for row in range(rows):
+    for row in range(generated.shape[0]):
         hits = torch.nonzero(is_eos[row]).flatten()
         count = int(hits[0]) if hits.numel() else generated.shape[1]
         result.append((generated[row, :count].tolist(), bool(hits.numel())))
+    return result
+
+
+def _by_unit(units: Sequence[SamplingUnit], rows: Sequence[Any]) -> list[list[Any]]:
+    """Split a call's rows (units' samples in order) back into one list per unit."""
+    result, start = [], 0
+    for unit in units:
+        result.append(list(rows[start : start + len(unit.sample_indices)]))
+        start += len(unit.sample_indices)
+    if start != len(rows):
+        raise EvaluationError(f"the backend returned {len(rows)} samples for {start} requests")
     return result
 
 
@@ -424,49 +513,58 @@ def _generate_rows(
 def generate_completions_transformers(
     model: Any,
     tokenizer: Any,
-    prompt_ids: Sequence[int],
-    sample_indices: Sequence[int],
+    units: Sequence[SamplingUnit],
     *,
     settings: SamplingSettings,
-    seed: int,
     on_step: Callable[[int], None] | None = None,
-) -> list[Completion]:
-    """One batch: `len(sample_indices)` completions of one prompt with `model.generate`, then
-    (release protocol) one force-answer pass per sample without a box, seeded per sample."""
+) -> list[list[Completion]]:
+    """One call: every unit's samples in one `model.generate` (one row per sample, prompts
+    left-padded), seeded by `call_seed`; then (release protocol) one more `generate` for all
+    samples without a box, seeded from the call seed too. Completions per unit, in order."""
     protocol = settings.protocol_spec
+    seed = call_seed(settings.seed, units)
     torch.manual_seed(seed)
     rows = _generate_rows(
         model,
         tokenizer,
-        prompt_ids,
-        len(sample_indices),
+        [unit.prompt_ids for unit in units for _ in unit.sample_indices],
         settings=settings,
         max_new_tokens=settings.max_new_tokens,
         stop_strings=protocol.stop_strings,
         on_step=on_step,
     )
     completions = [
-        _completion(tokenizer, index, ids, ended, protocol)
-        for index, (ids, ended) in zip(sample_indices, rows, strict=True)
+        [
+            _completion(tokenizer, index, ids, ended, protocol)
+            for index, (ids, ended) in zip(unit.sample_indices, unit_rows, strict=True)
+        ]
+        for unit, unit_rows in zip(units, _by_unit(units, rows), strict=True)
     ]
-    for position, completion in enumerate(completions):
-        if not needs_forced_answer(completion, protocol):
-            continue
-        torch.manual_seed(force_answer_seed(seed, completion.sample_index))
-        ((forced, _ended),) = _generate_rows(
+    forced = [
+        (u, s)
+        for u, unit_completions in enumerate(completions)
+        for s, completion in enumerate(unit_completions)
+        if needs_forced_answer(completion, protocol)
+    ]
+    if forced:
+        torch.manual_seed(force_answer_seed(seed, 0))  # the call's force-answer pass
+        answers = _generate_rows(
             model,
             tokenizer,
-            force_answer_prompt_ids(tokenizer, prompt_ids, completion, protocol),
-            1,
+            [
+                force_answer_prompt_ids(tokenizer, units[u].prompt_ids, completions[u][s], protocol)
+                for u, s in forced
+            ],
             settings=settings,
             max_new_tokens=protocol.force_answer_tokens,
         )
-        completions[position] = _with_forced_answer(tokenizer, completion, forced, protocol)
+        for (u, s), (ids, _ended) in zip(forced, answers, strict=True):
+            completions[u][s] = _with_forced_answer(tokenizer, completions[u][s], ids, protocol)
     return completions
 
 
 def sample_seed(batch_seed_value: int, sample_index: int) -> int:
-    """The vLLM seed of one sample of a batch (see the module docstring)."""
+    """The vLLM seed of one sample of a unit (see the module docstring)."""
     return batch_seed(batch_seed_value, "sample", sample_index) & ((1 << 31) - 1)
 
 
@@ -500,15 +598,15 @@ def vllm_sampling_kwargs(
 def generate_completions_vllm(
     sampler: Any,
     tokenizer: Any,
-    prompt_ids: Sequence[int],
-    sample_indices: Sequence[int],
+    units: Sequence[SamplingUnit],
     *,
     settings: SamplingSettings,
-    seed: int,
-) -> list[Completion]:
-    """One batch on vLLM: `sampler` is a `backend_vllm.VllmBackend`, whose adapter (if set)
-    samples as the learner. The whole batch is one `generate` call (and the force-answer
-    passes of the release protocol one more)."""
+) -> list[list[Completion]]:
+    """One call on vLLM: `sampler` is a `backend_vllm.VllmBackend`, whose adapter (if set)
+    samples as the learner. Every unit's samples are one `generate` call, each request seeded
+    by `sample_seed(unit.seed, index)` (and the force-answer passes of the release protocol
+    one more call, seeded by `force_answer_seed(unit.seed, index)`), so a sample does not
+    depend on which units share its call. Completions per unit, in order."""
     from vllm import SamplingParams, TokensPrompt
 
     protocol = settings.protocol_spec
@@ -523,49 +621,61 @@ def generate_completions_vllm(
         ended = bool(ids) and ids[-1] in eos
         return (ids[:-1] if ended else ids), ended  # EOS itself is not counted
 
-    params = [
-        SamplingParams(
-            **vllm_sampling_kwargs(
-                settings,
-                seed=sample_seed(seed, int(index)),
-                max_tokens=settings.max_new_tokens,
-                stop_token_ids=eos,
+    prompts, params = [], []
+    for unit in units:
+        prompt = TokensPrompt(prompt_token_ids=list(unit.prompt_ids))
+        for index in unit.sample_indices:
+            prompts.append(prompt)
+            params.append(
+                SamplingParams(
+                    **vllm_sampling_kwargs(
+                        settings,
+                        seed=sample_seed(unit.seed, int(index)),
+                        max_tokens=settings.max_new_tokens,
+                        stop_token_ids=eos,
+                    )
+                )
             )
-        )
-        for index in sample_indices
-    ]
-    prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
-    outputs = sampler.generate([prompt] * len(params), params, ["learner"] * len(params))
+    outputs = sampler.generate(prompts, params, ["learner"] * len(params))
     completions = [
-        _completion(tokenizer, index, *ids_of(output), protocol)
-        for index, output in zip(sample_indices, outputs, strict=True)
+        [
+            _completion(tokenizer, index, *ids_of(output), protocol)
+            for index, output in zip(unit.sample_indices, unit_outputs, strict=True)
+        ]
+        for unit, unit_outputs in zip(units, _by_unit(units, outputs), strict=True)
     ]
-    forced = [c for c in completions if needs_forced_answer(c, protocol)]
+    forced = [
+        (u, s)
+        for u, unit_completions in enumerate(completions)
+        for s, completion in enumerate(unit_completions)
+        if needs_forced_answer(completion, protocol)
+    ]
     if forced:
-        prompts = [
+        forced_prompts = [
             TokensPrompt(
-                prompt_token_ids=force_answer_prompt_ids(tokenizer, prompt_ids, c, protocol)
+                prompt_token_ids=force_answer_prompt_ids(
+                    tokenizer, units[u].prompt_ids, completions[u][s], protocol
+                )
             )
-            for c in forced
+            for u, s in forced
         ]
         forced_params = [
             SamplingParams(
                 **vllm_sampling_kwargs(
                     settings,
-                    seed=force_answer_seed(seed, c.sample_index),
+                    seed=force_answer_seed(units[u].seed, completions[u][s].sample_index),
                     max_tokens=protocol.force_answer_tokens,
                     stop_token_ids=eos,
                     first_pass=False,
                 )
             )
-            for c in forced
+            for u, s in forced
         ]
-        answers = sampler.generate(prompts, forced_params, ["learner"] * len(forced))
-        by_index = {
-            c.sample_index: _with_forced_answer(tokenizer, c, ids_of(output)[0], protocol)
-            for c, output in zip(forced, answers, strict=True)
-        }
-        completions = [by_index.get(c.sample_index, c) for c in completions]
+        answers = sampler.generate(forced_prompts, forced_params, ["learner"] * len(forced))
+        for (u, s), output in zip(forced, answers, strict=True):
+            completions[u][s] = _with_forced_answer(
+                tokenizer, completions[u][s], ids_of(output)[0], protocol
+            )
     return completions
 
 
@@ -573,32 +683,26 @@ def generate_completions(
     backend: str,
     model: Any,
     tokenizer: Any,
-    prompt_ids: Sequence[int],
-    sample_indices: Sequence[int],
+    units: Sequence[SamplingUnit],
     *,
     settings: SamplingSettings,
-    seed: int,
     on_step: Callable[[int], None] | None = None,
-) -> list[Completion]:
-    """The sampling switch: one batch of completions from the chosen backend (`model` is the
-    transformers model, or for "vllm" a `backend_vllm.VllmBackend`)."""
+) -> list[list[Completion]]:
+    """The sampling switch: one backend call drawing every unit's samples (`model` is the
+    transformers model, or for "vllm" a `backend_vllm.VllmBackend`); a list of completions
+    per unit, in the units' order. `on_step` (transformers) hears each decoding step and may
+    raise to stop the call."""
+    if backend not in BACKENDS:
+        raise BackendUnavailableError(
+            f"The {backend} backend cannot run evaluations: {backend_unavailable_reason(backend)}."
+        )
+    if not units:
+        return []
     if backend == "transformers":
         return generate_completions_transformers(
-            model,
-            tokenizer,
-            prompt_ids,
-            sample_indices,
-            settings=settings,
-            seed=seed,
-            on_step=on_step,
+            model, tokenizer, units, settings=settings, on_step=on_step
         )
-    if backend == "vllm":
-        return generate_completions_vllm(
-            model, tokenizer, prompt_ids, sample_indices, settings=settings, seed=seed
-        )
-    raise BackendUnavailableError(
-        f"The {backend} backend cannot run evaluations: {backend_unavailable_reason(backend)}."
-    )
+    return generate_completions_vllm(model, tokenizer, units, settings=settings)
 
 
 # --- Metrics ---------------------------------------------------------------------------------

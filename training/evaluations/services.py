@@ -8,9 +8,12 @@ trained on another base model, problems that were in the adapter's training snap
 the admin explicitly allows it, in which case they stay flagged everywhere), and a backend
 that cannot run here.
 
-Execution commits each batch of samples as it finishes; a retried job samples only the
-batches still missing (batches are seeded by problem and batch index, so the result is the
-same as an uninterrupted run).
+Execution draws several problems' sample batches in one backend call (up to
+`settings.EVALUATION_MAX_BATCH_SIZE` sequences) and commits each problem's samples of a call
+as soon as the call returns; a retried job samples only the batches still missing and stores
+only the missing samples (on vLLM each sample is seeded by itself, so the result is the same
+as an uninterrupted run; on transformers a call is seeded by the units it holds, so a resumed
+evaluation draws its missing samples with the seeds of its own calls; see the engine).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings as django_settings
 from django.db import IntegrityError, transaction
 from django.db.models import Count
 from django.utils import timezone
@@ -360,7 +364,8 @@ def _sample_row(member: EvaluationProblem, completion: engine.Completion) -> Eva
 
 
 def _store_samples(member: EvaluationProblem, completions: list[engine.Completion]) -> int:
-    """Commit one batch; samples another attempt stored first are left as they are."""
+    """Commit one problem's samples of a call; samples another attempt stored first are left
+    as they are."""
     stored = 0
     with transaction.atomic():
         for completion in completions:
@@ -404,6 +409,7 @@ def evaluation_execute(
         seed=evaluation.seed,
         batch_size=evaluation.batch_size,
         protocol=evaluation.protocol,
+        max_batch_size=django_settings.EVALUATION_MAX_BATCH_SIZE,
     )
     progress(done, total, f"loading {evaluation.model_label}")
     _check_model(evaluation.base_model_path, evaluation.adapter_path)
@@ -442,46 +448,74 @@ def _sample_members(
     progress: Callable[[int, int, str], None],
     log: Callable[[str], None],
 ) -> dict[str, Any]:
+    """Draw the missing units of `todo`, several problems per backend call (`pack_units`),
+    and after each call store every unit's missing samples (one transaction per problem)."""
     n = evaluation.samples_per_problem
     total = len(members) * n
     done = sum(min(m.stored, n) for m in members)
-    batches = engine.sample_batches(n, evaluation.batch_size)
-    sampled_now = 0
-    for number, member in enumerate(todo, start=1):
-        key = problem_key(member.problem)
-        label = f"{member.problem.external_id} ({number}/{len(todo)})"
+    units: list[engine.SamplingUnit] = []
+    member_of: dict[str, Any] = {}  # unit key -> its EvaluationProblem
+    stored_of: dict[int, set[int]] = {}  # member pk -> sample indices already stored
+    units_left: dict[int, int] = {}  # member pk -> units not yet stored
+    for member in todo:
+        stored_of[member.pk] = set(member.samples.values_list("sample_index", flat=True))
         prompt_ids = engine.evaluation_prompt_ids(
             tokenizer, member.problem.statement, evaluation.prompt_template, evaluation.reasoning
         )
-        have = set(member.samples.values_list("sample_index", flat=True))
-        for batch_index, indices in enumerate(batches):
-            missing = [i for i in indices if i not in have]
-            if not missing:
-                continue
-            stage = f"{label}: samples {indices.start + 1}-{indices.stop} of {n}"
-            progress(done, total, stage)
-            # The whole batch is drawn (its seed covers the batch), only missing ones stored.
-            completions = engine.generate_completions(
-                evaluation.backend,
-                model,
-                tokenizer,
-                prompt_ids,
-                indices,
-                settings=sampling,
-                seed=engine.batch_seed(evaluation.seed, key, batch_index),
-                on_step=lambda _step, _done=done, _stage=stage: progress(_done, total, _stage),
-            )
-            stored = _store_samples(member, [c for c in completions if c.sample_index in missing])
-            done += len(missing)
-            sampled_now += stored
-            progress(done, total, stage)
-        samples = list(member.samples.all())
-        log(
-            f"{member.problem.external_id}: {sum(s.auto_correct for s in samples)} of "
-            f"{len(samples)} correct, {sum(s.has_answer for s in samples)} with a boxed answer, "
-            f"mean {sum(s.token_count for s in samples) / max(len(samples), 1):.0f} tokens"
+        member_units = engine.problem_units(
+            problem_key(member.problem), prompt_ids, sampling, stored=stored_of[member.pk]
         )
+        units.extend(member_units)
+        member_of.update((unit.key, member) for unit in member_units)
+        units_left[member.pk] = len(member_units)
+    calls = engine.pack_units(units, sampling.max_batch_size)
+    sampled_now = 0
+    finished = 0
+    for number, call in enumerate(calls, start=1):
+        in_call = list({member_of[unit.key].pk: member_of[unit.key] for unit in call}.values())
+        names = in_call[0].problem.external_id + (
+            f" … {in_call[-1].problem.external_id}" if len(in_call) > 1 else ""
+        )
+        stage = (
+            f"call {number}/{len(calls)}: {len(in_call)} "
+            f"{'problem' if len(in_call) == 1 else 'problems'} ({names}), "
+            f"{sum(len(unit.sample_indices) for unit in call)} sequences"
+        )
+        progress(done, total, stage)
+        per_unit = engine.generate_completions(
+            evaluation.backend,
+            model,
+            tokenizer,
+            call,
+            settings=sampling,
+            on_step=lambda _step, _done=done, _stage=stage: progress(_done, total, _stage),
+        )
+        # Whole units are drawn (a call's seed covers them); only missing samples are stored.
+        missing: dict[int, list[engine.Completion]] = {member.pk: [] for member in in_call}
+        for unit, completions in zip(call, per_unit, strict=True):
+            member = member_of[unit.key]
+            missing[member.pk] += [
+                c for c in completions if c.sample_index not in stored_of[member.pk]
+            ]
+            units_left[member.pk] -= 1
+        for member in in_call:
+            sampled_now += _store_samples(member, missing[member.pk])
+            done += len(missing[member.pk])
+            stored_of[member.pk].update(c.sample_index for c in missing[member.pk])
+            if units_left[member.pk] == 0:
+                finished += 1
+                _log_problem(member, f"{finished}/{len(todo)}", log)
+        progress(done, total, stage)
     return _summary(evaluation, sampled_now=sampled_now)
+
+
+def _log_problem(member: EvaluationProblem, label: str, log: Callable[[str], None]) -> None:
+    samples = list(member.samples.all())
+    log(
+        f"{member.problem.external_id} ({label}): {sum(s.auto_correct for s in samples)} of "
+        f"{len(samples)} correct, {sum(s.has_answer for s in samples)} with a boxed answer, "
+        f"mean {sum(s.token_count for s in samples) / max(len(samples), 1):.0f} tokens"
+    )
 
 
 def _summary(evaluation: Evaluation, *, sampled_now: int) -> dict[str, Any]:
