@@ -17,15 +17,20 @@ between 5 % and 50 %. This command measures it with the product's own evaluation
   say whether a family fails on arithmetic or on the answer format.
 
 Default workload: 6 problems per family x 8 samples (one batch), 128 new tokens (`--quick`:
-3 x 4, 96 tokens), at `SamplingSettings`' defaults (temperature 0.6, top-p 0.95: what an
-evaluation launched with its defaults draws). The numbers depend on the sampling settings
-(`--temperature`, `--top-p`); they are recorded with the results. At temperature 1 and top-p 1
-(pure sampling: the evaluation engine has no top-k) the base model solved none of 96 samples
-of `add3` and `add3-2d`; at the defaults none of 144 (`add3`, `add3-2d`, `sub-add`), and the
-release protocol (forced answer) did not help: no family reached 5 % yet (see
-`docs/benchmarks/generated_difficulty.json`). On a shared CPU, `--threads 1`
-avoids the oversubscription that made two threads over ten times slower on this project's
-2-core machine.
+3 x 4, 96 tokens), at `SamplingSettings`' defaults (temperature 0.6, top-p 0.95, no top-k:
+what an evaluation launched with its defaults draws) and the default prompt template. The
+numbers depend on the sampling settings (`--temperature`, `--top-p`, `--top-k`), the prompt
+(`--template`, a name of `EVALUATION_TEMPLATES`) and the protocol; all are recorded with the
+results.
+
+What was measured (`docs/benchmarks/generated_difficulty.json`): under the default template
+the base model solves none of the two-step families (it almost never writes a box, even
+under the release protocol's forced answer). Under the `worked-example` template it boxes
+about half its answers, and the one-step families `add2`, `mul2` and `sub2` land in the
+5-50 % range at temperature 0.3 or 0.6 (`mul2` also at temperature 1 / top-k 20); the
+two-step families stay at about 0-3 %. On a shared CPU, `--threads 1` avoids the
+oversubscription that made two threads over ten times slower on this project's 2-core
+machine; 8 problems x 8 samples x 64 tokens take about 65 s per family there.
 
 Models: the embedded SmolLM2-135M-Instruct (default; prepared under data/artifacts) or a
 model directory (`--model`), e.g. to compare an adapter's base.
@@ -113,6 +118,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tokens", type=int, help="max new tokens (default 128)")
     parser.add_argument("--temperature", type=float, help="default: SamplingSettings' (0.6)")
     parser.add_argument("--top-p", type=float, help="default: SamplingSettings' (0.95)")
+    parser.add_argument("--top-k", type=int, help="default: none (no top-k cut)")
+    parser.add_argument(
+        "--template",
+        default="default",
+        help="evaluation prompt template, a name of EVALUATION_TEMPLATES (default: 'default')",
+    )
     parser.add_argument(
         "--protocol", help="evaluation protocol: workbench (default) or release (forces a box)"
     )
@@ -126,6 +137,7 @@ def main(argv: list[str]) -> int:
     from curation.generated_problems import family_names, generate_family
     from expansion.engine.answers import judge_completion
     from training.engine.evaluation import (
+        EVALUATION_TEMPLATES,
         SamplingSettings,
         evaluation_prompt_ids,
         generate_completions,
@@ -140,10 +152,14 @@ def main(argv: list[str]) -> int:
         max_new_tokens=args.tokens or (96 if args.quick else 128),
         **({} if args.temperature is None else {"temperature": args.temperature}),
         **({} if args.top_p is None else {"top_p": args.top_p}),
+        top_k=args.top_k,
         **({} if args.protocol is None else {"protocol": args.protocol}),
         seed=args.seed,
         batch_size=samples,
     )
+    if args.template not in EVALUATION_TEMPLATES:
+        parser.error(f"--template: choose one of {', '.join(EVALUATION_TEMPLATES)}")
+    template = EVALUATION_TEMPLATES[args.template]
     ks = [k for k in (1, 2, 4, 8) if k <= settings.samples]
     model, tokenizer, model_name = load(args.model, args.threads)
     rows = []
@@ -159,7 +175,9 @@ def main(argv: list[str]) -> int:
             unit
             for problem in problems.values()
             for unit in problem_units(
-                problem.problem_id, evaluation_prompt_ids(tokenizer, problem.statement), settings
+                problem.problem_id,
+                evaluation_prompt_ids(tokenizer, problem.statement, template),
+                settings,
             )
         ]
         correct = dict.fromkeys(problems, 0)
@@ -188,7 +206,8 @@ def main(argv: list[str]) -> int:
     print_table(
         f"Base model pass@1 per generated family ({model_name}; {settings.samples} samples, "
         f"{settings.max_new_tokens} tokens, T={settings.temperature}, top-p={settings.top_p}, "
-        f"protocol {settings.protocol})",
+        f"top-k={settings.top_k or 'none'}, protocol {settings.protocol}, template "
+        f"{args.template})",
         rows,
         columns,
     )
@@ -196,6 +215,7 @@ def main(argv: list[str]) -> int:
         args.json,
         {
             "benchmark": "generated_difficulty",
+            "command": "python -m bench generated_difficulty " + " ".join(argv),
             "model": model_name,
             "generator_seed": args.seed,
             "problems_per_family": problems_per_family,
@@ -204,8 +224,10 @@ def main(argv: list[str]) -> int:
                 "max_new_tokens": settings.max_new_tokens,
                 "temperature": settings.temperature,
                 "top_p": settings.top_p,
-                "top_k": None,
+                "top_k": settings.top_k,
                 "protocol": settings.protocol,
+                "template": args.template,
+                "prompt_template": template,
                 "seed": settings.seed,
             },
             "torch_threads": torch.get_num_threads(),

@@ -1,20 +1,27 @@
-"""Seeded generator of short multi-step problems that the embedded model can partly solve.
+"""Seeded generator of short one- and two-step problems that the embedded model can partly
+solve.
 
 CHAMP is the real dataset; it is far beyond SmolLM2-135M, so base, SFT and DAIL all score
-about zero on it and no difference can show. These problems are easy enough that the base
-model sometimes solves them (pass@1 roughly 5-50 %, measured by `python -m bench
-generated_difficulty`, see `docs/benchmarks/generated_difficulty.json`) and hard enough that
-it often does not.
+about zero on it and no difference can show. These problems are meant to be easy enough that
+the base model sometimes solves them (pass@1 roughly 5-50 %) and hard enough that it often
+does not. Which families reach that, and under which evaluation settings (it needs the
+`worked-example` prompt template: under the default one the model almost never writes a
+boxed answer), is measured by `python -m bench generated_difficulty` and recorded in
+`docs/benchmarks/generated_difficulty.json`.
 
 Each family (`FAMILIES`) draws its numbers from its own random stream, seeded by (seed, family
 name), so the same seed gives the same problems whatever the other families or sizes are, and
-adding problems to a family does not change its first ones. Every problem has:
+adding problems to a family does not change its first ones. A family never repeats a
+statement (a held-out copy of a training problem would leak it), so the one-step families
+(`add2`, `mul2`, `sub2`, `linear1`: 64 distinct problems each) refuse larger sizes. Every problem has:
 
 - an id `<family>-0001`, a statement in Markdown + LaTeX, a final answer (an integer);
 - a terse expert-style solution (results stated with little derivation, as in competition
   write-ups) that ends with "The answer is $\\boxed{…}$." (the evaluation prompt asks for the
   answer in `\\boxed{}`, and `judge_completion` reads the last box);
-- waypoints: character spans of the solution on its intermediate results (`42` in
+- waypoints (two-step families; a one-step family has no intermediate result, so its
+  problems have none and a negative reference gets only the final answer): character spans
+  of the solution on its intermediate results (`42` in
   `$23 + 19 = 42$`; a stated value whole, `3x = 15`, as the `math-results` suggester proposes
   it), never the final answer nor a piece of it (the suggester's rule: a waypoint whose
   normalised text is contained in the answer's is not drawn; the numbers are drawn again).
@@ -87,6 +94,7 @@ class Family:
     name: str
     description: str
     draw: Callable[[random.Random], Draft]
+    steps: int = 2  # a one-step family states its result directly: its solutions have no waypoint
 
 
 def _draft(statement: str, writer: _SolutionWriter, answer: int) -> Draft:
@@ -141,6 +149,39 @@ def _add_three(first_digits: int) -> Callable[[random.Random], Draft]:
     return draw
 
 
+def _add_two(rng: random.Random) -> Draft:
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    writer = _SolutionWriter().text(f"${a} + {b} = {a + b}$.")
+    return _draft(f"Compute ${a} + {b}$.", writer, a + b)
+
+
+def _multiply_two(rng: random.Random) -> Draft:
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    writer = _SolutionWriter().text(f"${a} \\times {b} = {a * b}$.")
+    return _draft(f"Compute ${a} \\times {b}$.", writer, a * b)
+
+
+def _subtract_two(rng: random.Random) -> Draft:
+    difference, b = rng.randint(2, 9), rng.randint(2, 9)
+    a = difference + b
+    writer = _SolutionWriter().text(f"${a} - {b} = {difference}$.")
+    return _draft(f"Compute ${a} - {b}$.", writer, difference)
+
+
+def _tens_then_add(rng: random.Random) -> Draft:
+    a, b = rng.randint(2, 9), rng.randint(1, 9)
+    tens = a * 10
+    writer = _SolutionWriter().text(f"${a} \\times 10 = ").mark(str(tens))
+    writer.text(f"$, and ${tens} + {b} = {tens + b}$.")
+    return _draft(f"Compute ${a} \\times 10 + {b}$.", writer, tens + b)
+
+
+def _one_step_equation(rng: random.Random) -> Draft:
+    a, x = rng.randint(2, 9), rng.randint(2, 9)
+    writer = _SolutionWriter().text(f"$x = {a + x} - {a} = {x}$.")
+    return _draft(f"Solve $x + {a} = {a + x}$ for $x$.", writer, x)
+
+
 def _linear_equation(rng: random.Random) -> Draft:
     a, x, b = rng.randint(2, 5), rng.randint(2, 9), rng.randint(1, 9)
     c = a * x + b
@@ -184,6 +225,16 @@ def _word_problem(rng: random.Random) -> Draft:
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
+        Family("add2", "a + b: one-digit a and b (one step, no waypoint)", _add_two, 1),
+        Family("mul2", "a x b: one-digit a and b (one step, no waypoint)", _multiply_two, 1),
+        Family("sub2", "a - b: b and a - b in 2..9 (one step, no waypoint)", _subtract_two, 1),
+        Family("mul10-add", "a x 10 + b: a in 2..9, b in 1..9", _tens_then_add),
+        Family(
+            "linear1",
+            "solve x + a = b: a and x in 2..9 (one step, no waypoint)",
+            _one_step_equation,
+            1,
+        ),
         Family("add3", "a + b + c: one-digit a, b, c", _add_three(1)),
         Family("add3-2d", "a + b + c: a two-digit a, one-digit b and c", _add_three(2)),
         Family("sub-add", "a - b + c: a two-digit a, one-digit b and c", _subtract_then_add),
@@ -237,13 +288,18 @@ def generate_family(name: str, count: int, seed: int = DEFAULT_SEED) -> list[Gen
     family = FAMILIES[family_names([name])[0]]
     rng = random.Random(f"dail-generated\x1f{seed}\x1f{family.name}")
     problems = []
+    seen: set[str] = set()  # no statement twice: a held-out copy of a training problem leaks
     for index in range(1, count + 1):
         for _attempt in range(MAX_DRAWS):
             draft = family.draw(rng)
-            if _checked(draft):
+            if draft.statement not in seen and _checked(draft):
+                seen.add(draft.statement)
                 break
-        else:  # pragma: no cover - every family's ranges make this practically impossible
-            raise GenerationError(f"{family.name}: no valid problem after {MAX_DRAWS} draws")
+        else:
+            raise GenerationError(
+                f"{family.name} has no new problem after {MAX_DRAWS} draws: it has fewer than "
+                f"{count} distinct problems (the one-step families have 64); ask for fewer"
+            )
         problems.append(
             GeneratedProblem(
                 problem_id=f"{family.name}-{index:04d}",

@@ -284,6 +284,13 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env_int("DAIL_JOB_SWEEP_SECONDS", 30),
         "options": {"queue": "default", "expires": 25},
     },
+    # Studies advance when one of their jobs finishes; this catches what that misses (a job
+    # failed by the sweep, cancelled while queued, a worker killed right after finishing).
+    "advance-studies": {
+        "task": "training.tasks.advance_studies",
+        "schedule": env_int("DAIL_JOB_SWEEP_SECONDS", 30),
+        "options": {"queue": "default", "expires": 25},
+    },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(RUN_DIR / "celerybeat-schedule")
 
@@ -305,6 +312,14 @@ WORKER_STALE_SECONDS = env_int("DAIL_WORKER_STALE_SECONDS", 35)
 # Sequences per sampling call of an evaluation job: problems' sample batches are packed up to
 # it (training.evaluations.services). On a GPU with vLLM, hundreds keep the engine busy.
 EVALUATION_MAX_BATCH_SIZE = env_int("DAIL_EVALUATION_MAX_BATCH_SIZE", 32)
+# Studies (training.studies): what a study will cost is estimated before it is launched from
+# these throughputs of one GPU-queue worker, in tokens per second (defaults: this project's
+# 2-core CPU with SmolLM2-135M, `python -m bench jobs` and `bench train`; set them from your
+# workers' figures), and a study estimated above STUDY_MAX_HOURS is refused.
+STUDY_EXPANSION_TOKENS_PER_SECOND = env_int("DAIL_STUDY_EXPANSION_TOKENS_PER_SECOND", 9)
+STUDY_EVALUATION_TOKENS_PER_SECOND = env_int("DAIL_STUDY_EVALUATION_TOKENS_PER_SECOND", 30)
+STUDY_TRAINING_TOKENS_PER_SECOND = env_int("DAIL_STUDY_TRAINING_TOKENS_PER_SECOND", 150)
+STUDY_MAX_HOURS = env_int("DAIL_STUDY_MAX_HOURS", 48)
 
 # --- vLLM (expansion runs and evaluations with backend "vllm") ---------------------------
 # KV cache per engine in GiB; 0 leaves it to vLLM (on CPU: 30 % of RAM, on a GPU: 85 % of it).

@@ -22,5 +22,6 @@ urlpatterns = [
     path("", include("expansion.urls")),
     path("evaluations/", include("training.evaluations.urls")),
     path("training/", include("training.urls")),
+    path("studies/", include("training.studies.urls")),
     path("admin/", admin.site.urls),
 ]

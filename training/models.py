@@ -63,6 +63,9 @@ class Evaluation(models.Model):
     budgets = models.JSONField()  # sorted token budgets; the largest is max_new_tokens
     temperature = models.FloatField()
     top_p = models.FloatField()
+    # Sample from the k most likely tokens only (after temperature, before top-p); None: no
+    # top-k (every evaluation before the setting existed).
+    top_k = models.PositiveIntegerField(null=True, blank=True)
     seed = models.BigIntegerField(default=0)
     batch_size = models.PositiveIntegerField(default=8)
     prompt_template = models.TextField()
@@ -332,3 +335,105 @@ class TrainingMetric(models.Model):
 
     def __str__(self) -> str:
         return f"{self.run} step {self.step}"
+
+
+# =============================================================================================
+# Studies: the paper's comparison run through the product. One Study = a dataset split into
+# training and held-out problems (the evaluations' seeded hash split, pinned at creation), an
+# expansion run over the training side, one training run per trained arm, and one evaluation
+# per arm on the held-out side. The study only orders and records existing jobs (expansion
+# chunks, training, evaluation): each step is an ordinary job, cancelled and retried as one;
+# `training.studies.services.study_advance` launches the next step when one finishes.
+# =============================================================================================
+
+
+class StudyAcceptance(models.TextChoices):
+    AUTOMATIC = "automatic", "Automatic: every kept trace is trained on (no reviewer saw them)"
+    REVIEWERS = "reviewers", "Reviewers' verdicts: accepted traces only (the study waits)"
+
+
+class StudyState(models.TextChoices):
+    RUNNING = "running", "Running"
+    AWAITING_REVIEW = "awaiting_review", "Waiting for review"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+class StudyStep(models.TextChoices):
+    EXPANSION = "expansion", "Expansion"
+    REVIEW = "review", "Review"
+    TRAINING = "training", "Training"
+    EVALUATION = "evaluation", "Evaluation"
+    DONE = "done", "Done"
+
+
+class Study(models.Model):
+    name = models.CharField(max_length=200)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="+")
+    base_model_path = models.CharField(max_length=1000)  # resolved
+    held_out_fraction = models.FloatField()
+    split_seed = models.BigIntegerField(default=0)
+    # The split, pinned (database ids, in the dataset's order).
+    training_problem_ids = models.JSONField(default=list)
+    held_out_problem_ids = models.JSONField(default=list)
+
+    acceptance = models.CharField(max_length=16, choices=StudyAcceptance.choices)
+    # Snapshots of what each step is launched with (training.studies.plan.StudySettings).
+    expansion_settings = models.JSONField(default=dict)
+    training_settings = models.JSONField(default=dict)  # DailTrainingConfig fields, all arms
+    evaluation_settings = models.JSONField(default=dict)
+    estimate = models.JSONField(default=dict)  # tokens and seconds per step, at creation
+
+    expansion_run = models.OneToOneField(
+        "expansion.ExpansionRun",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="study",
+    )
+    review_done_at = models.DateTimeField(null=True, blank=True)  # reviewers' acceptance only
+
+    state = models.CharField(max_length=16, choices=StudyState.choices, default=StudyState.RUNNING)
+    step = models.CharField(max_length=16, choices=StudyStep.choices, default=StudyStep.EXPANSION)
+    state_reason = models.TextField(blank=True)  # why it failed, or what it waits for
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "studies"
+
+    def __str__(self) -> str:
+        return f"study #{self.pk} {self.name}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in (StudyState.RUNNING, StudyState.AWAITING_REVIEW)
+
+
+class StudyArm(models.Model):
+    """One arm of a study (`training.studies.plan.ARMS`): its training run (none for the
+    base model) and its evaluation on the held-out problems."""
+
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="arms")
+    key = models.CharField(max_length=32)
+    position = models.PositiveIntegerField()
+    training_run = models.OneToOneField(
+        TrainingRun, null=True, blank=True, on_delete=models.PROTECT, related_name="study_arm"
+    )
+    evaluation = models.OneToOneField(
+        Evaluation, null=True, blank=True, on_delete=models.PROTECT, related_name="study_arm"
+    )
+    launch_error = models.TextField(blank=True)  # a step refused at launch (e.g. no data)
+
+    class Meta:
+        ordering = ["study_id", "position"]
+        constraints = [models.UniqueConstraint(fields=["study", "key"], name="study_arm_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.study} / {self.key}"

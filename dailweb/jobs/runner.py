@@ -25,7 +25,8 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
-from dailweb.jobs.models import Job, JobState
+from dailweb.jobs.events import job_finished_send
+from dailweb.jobs.models import FINISHED_STATES, Job, JobState
 from dailweb.jobs.registry import job_kind
 from dailweb.jobs.services import job_log_append
 
@@ -348,3 +349,9 @@ def job_execute(*, job_id: int, task_id: str, hostname: str) -> None:
     finally:
         heartbeat.stopped.set()
         heartbeat.join(timeout=5)
+    try:
+        state = Job.objects.filter(pk=job.pk).values_list("state", flat=True).first()
+    except (InterfaceError, OperationalError):
+        return  # the database is away: the receivers' own polling will see the end
+    if state in FINISHED_STATES:
+        job_finished_send(job_id=job.pk, state=state)

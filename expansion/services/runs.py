@@ -73,7 +73,7 @@ class RunSettings:
     require_answers: bool = True
 
 
-def _validated_config(settings: RunSettings) -> tuple[RolloutConfig, PromptTemplates]:
+def run_settings_check(settings: RunSettings) -> tuple[RolloutConfig, PromptTemplates]:
     try:
         config = preset_rollout_config(settings.preset, settings.rollout)
     except (RolloutError, TypeError, ValueError) as exc:
@@ -161,7 +161,7 @@ def expansion_run_launch(
 ) -> ExpansionRun:
     """Create a run over `problem_ids` (their current solution versions pinned) and queue its
     chunks; refuses before anything is queued when a problem cannot be expanded."""
-    config, templates = _validated_config(settings)
+    config, templates = run_settings_check(settings)
     ids = list(dict.fromkeys(problem_ids))
     if not ids:
         raise DomainError("Choose at least one problem.")

@@ -22,7 +22,7 @@ from tests.factories import (
     make_user,
 )
 from tests.training.factories import make_evaluation
-from tests.training.training_factories import make_training_run
+from tests.training.training_factories import make_study, make_training_run
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
@@ -78,7 +78,8 @@ def with_full_colour_scores(trace) -> None:
 
 def build_site() -> Site:
     """Rows for every page type: a problem with math and two versions, a run with traces, a
-    running job, a finished training run with metrics, two evaluations on the same problems."""
+    running job, a finished training run with metrics, two evaluations on the same problems,
+    a study with results (charts, comparisons, lineage)."""
     expert = make_user("expert", username="erin", password="site-pass-1")
     dataset = make_dataset(name="site set")
     problem = make_problem(
@@ -104,6 +105,7 @@ def build_site() -> Site:
         samples=2, name="tuned", on_problems=[m.problem for m in base.problems.all()]
     )
     evaluated = base.problems.first().problem_id
+    study = make_study(name="site study", results=True, problems=3, samples=2)
     AccessAttempt.objects.create(
         username="someone", ip_address="10.0.0.1", user_agent="x", failures_since_start=2,
         http_accept="text/html", path_info="/accounts/login/", get_data="", post_data="",
@@ -127,7 +129,12 @@ def build_site() -> Site:
                 "/problems/datasets/new/",
             ],
         ),
-        reviewer=RoleVisit("rita", "site-pass-2", ["/", "/review/", trace_path]),
+        reviewer=RoleVisit(
+            "rita",
+            "site-pass-2",
+            # The trace page last: the CSP walk inspects a token on it next.
+            ["/", "/review/", "/studies/", f"/studies/{study.pk}/", trace_path],
+        ),
         admin=RoleVisit(
             "ada",
             "site-pass-3",
@@ -148,6 +155,9 @@ def build_site() -> Site:
                 f"/evaluations/{base.pk}/",
                 f"/evaluations/compare/?ids={base.pk}&ids={tuned.pk}",
                 f"/evaluations/problems/{evaluated}/?ids={base.pk}&ids={tuned.pk}",
+                "/studies/",
+                "/studies/new/",
+                f"/studies/{study.pk}/",
             ],
         ),
         trace_path=trace_path,

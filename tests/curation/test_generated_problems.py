@@ -58,10 +58,19 @@ def test_a_family_does_not_depend_on_the_others_or_on_the_size(problems):
         assert generate_family(name, 5, seed=3) == alone
 
 
-def test_every_family_draws_varied_problems(problems):
+def test_every_family_draws_distinct_problems(problems):
     for name in FAMILIES:
-        statements = {p.statement for p in problems if p.family == name}
-        assert len(statements) > PER_FAMILY // 2, name
+        statements = [p.statement for p in problems if p.family == name]
+        assert len(set(statements)) == len(statements) == PER_FAMILY, name
+
+
+def test_a_one_step_family_refuses_more_problems_than_it_has():
+    assert FAMILIES["add2"].steps == 1 and FAMILIES["add3"].steps == 2
+    every = generate_family("add2", 64, seed=3)
+    assert len({p.statement for p in every}) == 64  # all 8 x 8 sums of two digits 2..9
+    assert all(not p.waypoints and p.solution.count("=") == 1 for p in every)
+    with pytest.raises(GenerationError, match="fewer than 65 distinct problems"):
+        generate_family("add2", 65, seed=3)
 
 
 def test_the_checker_accepts_every_reference_solution(problems):
@@ -82,7 +91,8 @@ def _is_answer_piece(text: str, answer: str) -> bool:
 
 def test_waypoints_lie_on_intermediate_results_never_on_the_answer(problems):
     for problem in problems:
-        assert problem.waypoints, problem.problem_id
+        # Two-step families mark their intermediate result; one-step ones have none.
+        assert bool(problem.waypoints) == (FAMILIES[problem.family].steps > 1), problem.problem_id
         suggested = waypoints_suggest(body=problem.solution, answer=problem.answer)
         previous_end = 0
         for start, end in problem.waypoints:
@@ -146,7 +156,7 @@ def load(*args: str) -> str:
 
 @pytest.mark.django_db
 def test_the_command_loads_and_a_reload_updates_without_duplicates():
-    families = ",".join(list(FAMILIES)[:2])
+    families = "add2,add3"  # one step (no waypoint) and two steps
     count = 3 * 2
     output = load("--seed", "5", "--per-family", "3", "--families", families, "--dataset", "gen")
     assert output == f"gen: Imported {count} problems: {count} new, 0 updated, 0 unchanged."
@@ -166,7 +176,8 @@ def test_the_command_loads_and_a_reload_updates_without_duplicates():
         assert [(w.start, w.end, w.origin) for w in version.waypoints.order_by("order")] == [
             (start, end, "expert") for start, end in problem.waypoints
         ]
-        assert problem.family in row.tags and row.waypoint_status != "none"
+        assert problem.family in row.tags
+        assert (row.waypoint_status != "none") == (problem.family == "add3")
 
     again = load("--seed", "5", "--per-family", "3", "--families", families, "--dataset", "gen")
     assert again == f"gen: Imported {count} problems: 0 new, 0 updated, {count} unchanged."

@@ -60,6 +60,17 @@ def test_prompt_is_the_learner_view_asking_for_a_boxed_answer(tiny_tokenizer):
     assert text.endswith("<|im_start|>assistant\n")
 
 
+def test_the_worked_example_template_shows_one_boxed_solution_before_the_problem(
+    tiny_tokenizer,
+):
+    assert ev.EVALUATION_TEMPLATES["default"] == ev.EVALUATION_TEMPLATE
+    template = ev.EVALUATION_TEMPLATES["worked-example"]
+    text = tiny_tokenizer.decode(ev.evaluation_prompt_ids(tiny_tokenizer, "Find $x$.", template))
+    assert text.count("Find $x$.") == 1 and text.count("\\boxed{6}") == 1
+    assert text.index("\\boxed{6}") < text.index("Find $x$.")
+    assert text.endswith("<|im_start|>assistant\n")
+
+
 def test_token_counts_stop_at_the_first_eos(model, tiny_tokenizer):
     completions = sample(model, tiny_tokenizer)
     assert [c.sample_index for c in completions] == list(range(8))
@@ -211,6 +222,32 @@ def test_stop_strings_cut_each_row_of_a_mixed_call(tiny_model_factory, tiny_toke
     assert cut[0][0].finish_reason == "stop"
 
 
+def test_top_k_one_is_greedy_decoding_and_no_top_k_cuts_nothing(
+    tiny_model_factory, tiny_tokenizer, monkeypatch
+):
+    """top_k=1 at temperature 1 keeps only the most likely token: greedy decoding, whatever
+    the seed; unset, transformers gets top_k=0 (no cut), not its default of 50."""
+    model = tiny_model_factory(torch.float64, seed=MODEL_SEED)
+    units = mixed_units(tiny_tokenizer)
+    greedy = sample_units(model, tiny_tokenizer, units, **GREEDY)
+    ids = lambda out: [[c.token_ids for c in cs] for cs in out]  # noqa: E731
+    for seed in (0, 1):
+        top1 = sample_units(model, tiny_tokenizer, units, top_k=1, seed=seed)
+        assert ids(top1) == ids(greedy)
+    assert ids(sample_units(model, tiny_tokenizer, units)) != ids(greedy), "sampling differs"
+    seen = []
+    real = type(model).generate
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs["top_k"])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", recording)
+    sample_units(model, tiny_tokenizer, units[:1], max_new_tokens=2)
+    sample_units(model, tiny_tokenizer, units[:1], max_new_tokens=2, top_k=20)
+    assert seen == [0, 20]
+
+
 def test_units_are_a_problems_missing_batches_packed_into_calls():
     chosen = settings(samples=10, batch_size=4, seed=5)
     units = ev.problem_units("1/a", [1, 2], chosen, stored={0, 1, 2, 3, 4})
@@ -247,6 +284,11 @@ def test_unknown_backends_are_refused_and_vllm_reports_why_it_is_missing(
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"temperature": 0}, "temperature"),
         ({"top_p": 1.5}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": 1001}, "top_k"),
+        ({"top_k": True}, "top_k"),
+        ({"top_k": "20"}, "top_k"),
+        ({"top_k": 2.0}, "top_k"),
         ({"batch_size": 0}, "batch_size"),
         ({"max_batch_size": 0}, "max_batch_size"),
         ({"seed": -1}, "seed"),
@@ -498,6 +540,9 @@ def test_vllm_sampling_params_follow_the_protocol():
     params = SamplingParams(**first)  # vLLM accepts them (no engine needed)
     assert params.presence_penalty == 1.5 and params.stop == ["</think>"]
     assert SamplingParams(**forced).max_tokens == 100
+    assert workbench["top_k"] == 0 and SamplingParams(**workbench).top_k == 0  # 0: no top-k
+    cut = ev.vllm_sampling_kwargs(settings(top_k=20), seed=3, max_tokens=32, stop_token_ids={2})
+    assert SamplingParams(**cut).top_k == 20
 
 
 def test_a_stop_string_ends_the_first_pass_and_is_not_kept(tiny_tokenizer):

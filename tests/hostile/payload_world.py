@@ -69,6 +69,7 @@ class PayloadObjects:
     evaluations: list
     training_run: object
     jobs: list
+    study: object = None
     body: str = ""
 
 
@@ -136,7 +137,7 @@ def _build_one(index: int, payload: Payload, signed_in: dict) -> PayloadObjects:
     from expansion.services import review
     from tests.training.factories import make_evaluation
     from tests.training.training_factories import make_training_run
-    from training.models import EvaluationSample, TrainingMetric
+    from training.models import EvaluationSample, Study, StudyArm, TrainingMetric
 
     P = payload.text
     author = _user(payload.fit(150, f"~{index}"), "expert")
@@ -288,6 +289,30 @@ def _build_one(index: int, payload: Payload, signed_in: dict) -> PayloadObjects:
     running = _job(
         payload, kind="worker_check", state="running", launched_by=author, queue="default"
     )
+    study = Study.objects.create(
+        name=payload.fit(200),
+        created_by=author,
+        dataset=dataset,
+        base_model_path="/models/" + payload.fit(200),
+        held_out_fraction=0.5,
+        training_problem_ids=[problem.pk],
+        held_out_problem_ids=[problem.pk],
+        acceptance="automatic",
+        expansion_run=run,
+        expansion_settings={"preset": P[:50], "samples_per_problem": 1,
+                            "rollout": {"max_new_tokens": 8}, "kept_rule": P[:50]},
+        training_settings={"epochs": 1},
+        evaluation_settings={"protocol": "workbench", "samples_per_problem": 2, "ks": [1, 2],
+                             "budgets": [16, 64], "temperature": 0.6, "top_p": 0.95,
+                             "top_k": None, "seed": 0, "prompt_template": P},
+        state="failed",
+        step="training",
+        state_reason=P,
+    )  # fmt: skip
+    StudyArm.objects.create(study=study, key="base", position=0, evaluation=evaluations[0])
+    StudyArm.objects.create(
+        study=study, key="dail", position=1, training_run=training_run, launch_error=P
+    )
     return PayloadObjects(
         payload=payload,
         author=author,
@@ -298,6 +323,7 @@ def _build_one(index: int, payload: Payload, signed_in: dict) -> PayloadObjects:
         evaluations=evaluations,
         training_run=training_run,
         jobs=[running, chunk_job, training_job],
+        study=study,
         body=edited,
     )
 
@@ -345,6 +371,9 @@ def global_pages(world: World) -> list[Page]:
         Page("jobs", reverse("jobs:list"), ADMINS, shows=probes[:1]),
         Page("jobs (htmx)", reverse("jobs:list"), ADMINS, htmx=True),
         Page("models", reverse("expansion:models"), ADMINS),
+        Page("studies", reverse("studies:list"), REVIEWERS, shows=probes[:1]),
+        Page("studies (htmx)", reverse("studies:list"), REVIEWERS, htmx=True),
+        Page("study launch form", reverse("studies:launch"), ADMINS),
     ]
 
 
@@ -422,6 +451,10 @@ def item_pages(item: PayloadObjects) -> list[Page]:
         Page("training detail (htmx)", reverse("training:detail", args=[training_run.pk]),
              ADMINS, htmx=True),
         Page("job detail", reverse("jobs:detail", args=[job.pk]), ADMINS, shows=probe),
+        Page("study detail", reverse("studies:detail", args=[item.study.pk]), REVIEWERS,
+             shows=probe),
+        Page("study detail (htmx)", reverse("studies:detail", args=[item.study.pk]), REVIEWERS,
+             htmx=True),
         Page("job detail (htmx)", reverse("jobs:detail", args=[job.pk]), ADMINS, htmx=True),
         Page("failed job detail", reverse("jobs:detail", args=[item.jobs[1].pk]), ADMINS,
              shows=probe, browser=False),
@@ -440,6 +473,10 @@ def item_pages(item: PayloadObjects) -> list[Page]:
              REVIEWERS, download=True),
         Page("training metrics", reverse("training:metrics", args=[training_run.pk]),
              ADMINS, download=True),
+        Page("study json", reverse("studies:export_json", args=[item.study.pk]), REVIEWERS,
+             download=True),
+        Page("study report zip", reverse("studies:export_report", args=[item.study.pk]),
+             REVIEWERS, download=True),
     ]  # fmt: skip
 
 
@@ -466,4 +503,7 @@ NOT_PAGES = {
     "training:cancel": "POST that redirects to the training page (covered)",
     "training:retry": "POST that redirects to the training page (covered)",
     "training:download": "a zip of the adapter directory (no HTML)",
+    "studies:cancel": "POST that redirects to the study page (covered)",
+    "studies:retry": "POST that redirects to the study page (covered)",
+    "studies:review_done": "POST that redirects to the study page (covered)",
 }

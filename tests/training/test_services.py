@@ -483,3 +483,38 @@ def test_comparison_flags_evaluations_under_different_protocols():
     assert any("Not comparable" in w and "release, workbench" in w for w in comparison.warnings)
     same = selectors.evaluation_comparison([first.pk, make_evaluation(problems=1).pk])
     assert not any("protocol" in w for w in same.warnings)
+
+
+def test_launch_records_top_k_and_the_sampler_gets_it(queue, tiny_model_path, monkeypatch):
+    dataset, _ = problems(1)
+    assert launch(tiny_model_path, dataset).top_k is None  # unset: no top-k cut
+    evaluation = launch(tiny_model_path, dataset, top_k=20, samples_per_problem=2, ks=[1])
+    evaluation.refresh_from_db()
+    assert evaluation.top_k == 20
+    seen = []
+    real = engine.generate_completions
+
+    def recording(backend, model, tokenizer, units, *, settings, **kwargs):
+        seen.append(settings.top_k)
+        return real(backend, model, tokenizer, units, settings=settings, **kwargs)
+
+    monkeypatch.setattr(engine, "generate_completions", recording)
+    services.evaluation_execute(
+        evaluation_id=evaluation.pk, progress=lambda *a: None, log=lambda m: None
+    )
+    assert seen and set(seen) == {20}
+    count = Evaluation.objects.count()
+    for bad in (0, 1001):
+        with pytest.raises(DomainError, match="top_k"):
+            launch(tiny_model_path, dataset, top_k=bad)
+    assert Evaluation.objects.count() == count
+
+
+def test_comparison_flags_evaluations_with_different_top_k():
+    first = make_evaluation(problems=1, samples=2)
+    second = make_evaluation(problems=1, samples=2, top_k=20, on_problems=None)
+    comparison = selectors.evaluation_comparison([first.pk, second.pk])
+    assert "Different top-k: 20, none." in comparison.warnings
+    assert len(comparison.results) == 2  # still compared, with the warning
+    same = selectors.evaluation_comparison([first.pk, make_evaluation(problems=1).pk])
+    assert not any("top-k" in w for w in same.warnings)

@@ -250,3 +250,30 @@ def test_the_protocol_is_chosen_on_the_form_and_shown_on_the_pages(
         reverse("evaluations:compare") + f"?ids={plain.pk}&ids={evaluation.pk}"
     ).content.decode()
     assert "Not comparable: the evaluations used different sampling protocols" in compare
+
+
+def test_top_k_is_optional_on_the_form_refused_when_not_1_to_1000_and_shown(
+    tiny_model_path, broker_url, clean_queues
+):
+    dataset = make_dataset()
+    make_problem(dataset=dataset)
+    client = client_for("admin")
+    assert 'name="top_k"' in client.get(reverse("evaluations:launch")).content.decode()
+    for bad in ("0", "twenty", "2.5", "1001"):
+        response = client.post(
+            reverse("evaluations:launch"), launch_data(dataset, tiny_model_path, top_k=bad)
+        )
+        assert response.status_code == 400, bad
+    assert not Evaluation.objects.exists()
+    response = client.post(reverse("evaluations:launch"), launch_data(dataset, tiny_model_path))
+    assert response.status_code == 302 and Evaluation.objects.get().top_k is None  # blank: none
+    response = client.post(
+        reverse("evaluations:launch"), launch_data(dataset, tiny_model_path, top_k="20")
+    )
+    assert response.status_code == 302
+    evaluation = Evaluation.objects.order_by("pk").last()
+    assert evaluation.top_k == 20
+    detail = client.get(reverse("evaluations:detail", args=[evaluation.pk])).content.decode()
+    assert "Temperature / top-p / top-k" in detail and "0.6 / 0.95 / 20" in detail
+    listing = client.get(reverse("evaluations:list")).content.decode()
+    assert "top-k 20" in listing and "top-k none" in listing

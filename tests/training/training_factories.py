@@ -131,3 +131,91 @@ def make_training_run(*, job_state: str = "running", metrics=(), **fields):
             kl_negative=kl_nr, lr=2e-4 * step / 4,
         )  # fmt: skip
     return run
+
+
+def make_study(
+    *,
+    arms=("base", "sft_solutions", "dail"),
+    state: str = "running",
+    step: str = "evaluation",
+    results: bool = False,
+    problems: int = 4,
+    samples: int = 4,
+    correct=None,
+    dataset=None,
+    **fields,
+):
+    """A study row with its arms (no model, no files, no broker).
+
+    `results`: each trained arm gets a succeeded training-run row and every arm a succeeded
+    evaluation of `samples` samples on the same `problems` held-out problems; `correct(i, p, s)`
+    says whether sample s of problem p is correct for the i-th arm (default: later arms solve
+    more)."""
+    from tests.factories import make_dataset, make_problem
+    from tests.training.factories import make_evaluation
+    from training.engine.evaluation import DEFAULT_PROTOCOL, EVALUATION_TEMPLATE
+    from training.models import Study, StudyArm
+    from training.studies.plan import ARMS
+
+    dataset = dataset or make_dataset()
+    held_out = [
+        make_problem(dataset=dataset, statement=f"Compute ${p} + {p}$.", answer=str(2 * p))
+        for p in range(problems)
+    ]
+    training = [make_problem(dataset=dataset, statement="Compute $1 + 1$.", answer="2")]
+    ks = list(range(1, samples + 1))
+    values = {
+        "name": "test study",
+        "dataset": dataset,
+        "base_model_path": "/models/base",
+        "held_out_fraction": 0.5,
+        "training_problem_ids": [p.pk for p in training],
+        "held_out_problem_ids": [p.pk for p in held_out],
+        "acceptance": "automatic",
+        "expansion_settings": {
+            "preset": "release_dail",
+            "samples_per_problem": 2,
+            "rollout": {"max_new_tokens": 16},
+            "kept_rule": "every_correct",
+        },
+        "training_settings": {"epochs": 1},
+        "evaluation_settings": {
+            "protocol": DEFAULT_PROTOCOL,
+            "samples_per_problem": samples,
+            "ks": ks,
+            "budgets": [16, 64],
+            "temperature": 0.6,
+            "top_p": 0.95,
+            "top_k": None,
+            "seed": 0,
+            "prompt_template": EVALUATION_TEMPLATE,
+        },
+        "estimate": {},
+        "state": state,
+        "step": step,
+    } | fields
+    study = Study.objects.create(**values)
+    correct = correct or (lambda i, p, s: s < (p + i) % (samples + 1))
+    for position, key in enumerate(arms):
+        spec = ARMS[key]
+        arm = StudyArm.objects.create(study=study, key=key, position=position)
+        if not results:
+            continue
+        if spec.trains:
+            arm.training_run = make_training_run(
+                job_state="succeeded",
+                name=f"{study.name}: {spec.label}",
+                objective=spec.objective,
+                config=small_config(gamma=spec.gamma),
+                adapter_path=f"/artifacts/{key}/adapter",
+                final_metrics={"loss": 0.5 + position},
+            )
+        arm.evaluation = make_evaluation(
+            samples=samples,
+            on_problems=held_out,
+            name=f"{study.name}: {spec.label}",
+            ks=ks,
+            correct=lambda p, s, i=position: correct(i, p, s),
+        )
+        arm.save(update_fields=["training_run", "evaluation"])
+    return study

@@ -94,6 +94,21 @@ def _evaluation_data(model_dir) -> dict:
     return initial_data(EvaluationLaunchForm()) | evaluation_launch_data(dataset, model_dir)
 
 
+def _study_data(model_dir) -> dict:
+    from training.studies.forms import StudyLaunchForm
+
+    dataset = make_dataset()
+    for index in range(6):
+        make_problem(dataset=dataset, statement=f"Find $x$ if $x = {index}$.", answer=str(index))
+    return initial_data(StudyLaunchForm()) | {
+        "name": "hostile",
+        "dataset": str(dataset.pk),
+        "base_model_path": str(model_dir),
+        "held_out_fraction": "0.5",
+        "confirm": "yes",
+    }
+
+
 def _launched(model_name: str) -> Callable[[], int]:
     def count() -> int:
         from django.apps import apps
@@ -133,6 +148,13 @@ LAUNCH_FORMS = [
         _form("training.evaluations.forms.EvaluationLaunchForm"),
         _evaluation_data,
         _launched("training.Evaluation"),
+    ),
+    LaunchForm(
+        "study",
+        "studies:launch",
+        _form("training.studies.forms.StudyLaunchForm"),
+        _study_data,
+        _launched("training.Study"),
     ),
     LaunchForm(
         "worker check",
@@ -283,6 +305,7 @@ def test_every_integer_field_of_every_form_is_strict():
     """Forms anywhere in the project: none falls back to Django's lenient IntegerField."""
     import training.evaluations.forms  # noqa: F401
     import training.forms  # noqa: F401
+    import training.studies.forms  # noqa: F401
 
     def subclasses(cls):
         for sub in cls.__subclasses__():
@@ -326,6 +349,7 @@ def test_every_integer_field_of_every_form_is_strict():
         "expansion:run_launch",
         "evaluations:launch",
         "training:launch",
+        "studies:launch",
     ],
 )
 def test_an_empty_post_to_a_launch_url_launches_nothing(url, queue):

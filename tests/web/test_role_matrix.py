@@ -13,7 +13,7 @@ from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from dailweb.roles import ALL_ROLES, ANY_AUTHENTICATED
 from tests.factories import make_job, make_problem, make_run, make_user
 from tests.training.factories import make_evaluation
-from tests.training.training_factories import make_training_run
+from tests.training.training_factories import make_study, make_training_run
 
 # URLs outside the role system, with the reason.
 PUBLIC = {
@@ -69,6 +69,12 @@ URL_KWARGS = {
     "training:cancel": lambda user: {"training_run_id": make_training_run().pk},
     "training:retry": lambda user: {"training_run_id": make_training_run(job_state="failed").pk},
     "training:download": lambda user: {"training_run_id": make_training_run().pk},
+    "studies:detail": lambda user: {"study_id": make_study(results=True, problems=2, samples=2).pk},
+    "studies:cancel": lambda user: {"study_id": make_study().pk},
+    "studies:retry": lambda user: {"study_id": make_study(state="failed").pk},
+    "studies:review_done": lambda user: {"study_id": make_study(state="awaiting_review").pk},
+    "studies:export_json": lambda user: {"study_id": make_study(results=True, samples=2).pk},
+    "studies:export_report": lambda user: {"study_id": make_study(results=True, samples=2).pk},
 }
 
 

@@ -3,7 +3,9 @@ verdicts into pass@k and pass@k-against-token-budget metrics.
 
 - **Prompts.** The learner's view (`## Problem: ...`) through the model's chat template, with
   one added line asking for the answer in `\\boxed{}` (ours: the answer checker reads the last
-  box, and a base model that is not told so rarely writes one). The template is a setting.
+  box, and a base model that is not told so rarely writes one). The template is a setting;
+  `EVALUATION_TEMPLATES` names the default and `worked-example` (one solved example first, for
+  small models that do not write a box even when asked).
 - **Sampling** (`generate_completions`): one function per backend behind one switch. The n
   samples of a problem are split into fixed batches of `batch_size` sample indices
   (`sample_batches`); a problem's batch is a `SamplingUnit`, the unit of resumption (a job
@@ -24,15 +26,19 @@ verdicts into pass@k and pass@k-against-token-budget metrics.
   resumed evaluation gets what an uninterrupted one would have. The two backends draw
   different random numbers: the same seed gives different samples on each (the same
   distribution).
+- **Top-k** (`SamplingSettings.top_k`, optional): sample from the k most likely tokens only,
+  after temperature and before top-p, on both backends; unset means no top-k cut at all
+  (transformers gets `top_k=0`, not its default of 50; vLLM gets 0, its "disabled").
 - **Protocols** (`EVALUATION_PROTOCOLS`, recorded with each evaluation): `workbench` samples
-  with temperature and top-p only; `release` follows the release's `eval/eval.py`: presence
-  penalty 1.5 (on transformers `PresencePenaltyProcessor`, vLLM's definition: minus 1.5 on the
-  logits of every token already in the completion, before temperature and top-p), the first
-  pass stops at `</think>` (finish reason `stop`; the stop string is not part of the text), and
-  every sample without a `\\boxed{` gets a second, force-answer pass: the assistant turn
-  continued with its text and "\\n The final answer (in \\boxed{}):" for 100 more tokens
-  (same temperature, top-p and penalty; on vLLM seeded per sample, on transformers one more
-  `generate` for all such samples of the call, seeded from the call seed). Its tokens are
+  with temperature, top-p and the optional top-k only; `release` follows the release's
+  `eval/eval.py`: presence penalty 1.5 (on transformers `PresencePenaltyProcessor`, vLLM's
+  definition: minus 1.5 on the logits of every token already in the completion, before
+  temperature and top-p), the first pass stops at `</think>` (finish reason `stop`; the stop
+  string is not part of the text), and every sample without a `\\boxed{` gets a second,
+  force-answer pass: the assistant turn continued with its text and "\\n The final answer (in
+  \\boxed{}):" for 100 more tokens (same temperature, top-p, top-k and penalty; on vLLM
+  seeded per sample, on transformers one more `generate` for all such samples of the call,
+  seeded from the call seed). Its tokens are
   counted in the sample's tokens (`forced_tokens` says how many); token budgets cap the first
   pass only.
 - **Token counts.** A sample's tokens are the ones it generated before its end-of-sequence
@@ -79,11 +85,25 @@ from expansion.engine.rollout import SEED_MAX, is_plain_int
 from training.engine.metrics import PassAtKReport, pass_at_k_report
 
 EVALUATION_TEMPLATE = LEARNER_TEMPLATE + "Put your final answer within \\boxed{}.\n"
+# The learner prompt after one worked example of the answer format. The embedded
+# SmolLM2-135M almost never writes a `\\boxed{}` answer under EVALUATION_TEMPLATE (0 % pass@1
+# on every generated family, `docs/benchmarks/generated_difficulty.json`); shown one short
+# solution that ends in a box, it often does, so easy problems become partly solvable and
+# base, SFT and DAIL can differ. The example (1 + 2 + 3) is trivial and outside the generated
+# families' ranges. Not the default: the paper's prompt has no example.
+WORKED_EXAMPLE_TEMPLATE = (
+    "## Example\nProblem: Compute $1 + 2 + 3$.\n"
+    "Solution: $1 + 2 = 3$, and $3 + 3 = 6$. The answer is $\\boxed{6}$.\n\n"
+    "## Problem:\n{problem}\n\n"
+    "Write the computation, then the answer in $\\boxed{}$, as in the example.\n"
+)
+EVALUATION_TEMPLATES = {"default": EVALUATION_TEMPLATE, "worked-example": WORKED_EXAMPLE_TEMPLATE}
 TRAINING_SNAPSHOT_FILE = "dail-training.json"
 BACKENDS = ("transformers", "vllm")
 MAX_SAMPLES = 1024
 MAX_NEW_TOKENS = 32768
 MAX_BATCH_SIZE = 32  # sequences per backend call, by default (`SamplingSettings`)
+MAX_TOP_K = 1000
 
 
 class EvaluationError(ValueError):
@@ -129,7 +149,8 @@ EVALUATION_PROTOCOLS: dict[str, EvaluationProtocol] = {
         EvaluationProtocol(
             "workbench",
             "workbench: plain sampling",
-            "Ours: temperature and top-p only, until EOS or the largest budget.",
+            "Ours: temperature, top-p and the optional top-k only, until EOS or the largest "
+            "budget.",
         ),
         EvaluationProtocol(
             "release",
@@ -154,6 +175,9 @@ class SamplingSettings:
     max_new_tokens: int  # the largest token budget
     temperature: float = 0.6
     top_p: float = 0.95
+    # Sample from the k most likely tokens only (after temperature, before top-p); None: no
+    # top-k cut (not transformers' default of 50).
+    top_k: int | None = None
     seed: int = 0
     batch_size: int = 8
     protocol: str = DEFAULT_PROTOCOL  # a key of EVALUATION_PROTOCOLS
@@ -183,6 +207,13 @@ class SamplingSettings:
             raise EvaluationError(f"temperature must be in (0, 5]; got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise EvaluationError(f"top_p must be in (0, 1]; got {self.top_p}")
+        if self.top_k is not None and (
+            not is_plain_int(self.top_k) or not 1 <= self.top_k <= MAX_TOP_K
+        ):
+            raise EvaluationError(
+                f"top_k must be empty (no top-k) or a whole number 1..{MAX_TOP_K}; "
+                f"got {self.top_k!r}"
+            )
         if not 1 <= self.batch_size <= 1024:
             raise EvaluationError(f"batch_size must be 1..1024; got {self.batch_size}")
         if not 1 <= self.max_batch_size <= 4096:
@@ -480,7 +511,8 @@ def _generate_rows(
         do_sample=True,
         temperature=settings.temperature,
         top_p=settings.top_p,
-        top_k=0,  # no top-k cut: only temperature and top_p, as configured
+        # transformers' 0 disables top-k (None would fall back to its default of 50)
+        top_k=settings.top_k or 0,
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
         pad_token_id=pad,
@@ -583,6 +615,7 @@ def vllm_sampling_kwargs(
     kwargs: dict[str, Any] = {
         "temperature": settings.temperature,
         "top_p": settings.top_p,
+        "top_k": settings.top_k or 0,  # vLLM's 0 disables top-k (its default)
         "max_tokens": max_tokens,
         "seed": seed,
         "stop_token_ids": sorted(stop_token_ids),

@@ -147,3 +147,96 @@ def pass_at_k_report(
         for col, k in enumerate(ks)
     }
     return PassAtKReport(ks, overall, per_problem, confidence, resamples, seed)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean per-problem difference of pass@k between two arms (a minus b) with its interval,
+    and how many common problems each arm did better on."""
+
+    k: int
+    value: float
+    low: float
+    high: float
+    problems: int  # problems both arms were evaluated on
+    better: int  # problems where a's pass@k exceeds b's
+    worse: int  # problems where it falls short
+    ties: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "k": self.k,
+            "value": self.value,
+            "low": self.low,
+            "high": self.high,
+            "problems": self.problems,
+            "better": self.better,
+            "worse": self.worse,
+            "ties": self.ties,
+        }
+
+
+# Per-problem differences closer to 0 than this count as ties (pass@k of equal rates computed
+# from different n may differ in the last bits).
+_TIE_TOLERANCE = 1e-12
+
+
+def paired_difference(
+    a: Mapping[str, tuple[int, int]],
+    b: Mapping[str, tuple[int, int]],
+    k: int,
+    *,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> PairedDifference:
+    """pass@k of arm `a` minus arm `b`, paired over the problems both were evaluated on.
+
+    `a`, `b`: problem id -> (n samples, c correct), as `pass_at_k_report`'s `counts`. Per
+    common problem i, d_i = pass@k_a(i) - pass@k_b(i); the value is the mean of d_i and the
+    interval a percentile bootstrap over problems that resamples the same problem indices for
+    both arms.
+
+    Why paired: how hard a problem is varies far more than the arms differ (most problems are
+    solved by every arm or by none), so two independent intervals overlap even when one arm
+    wins on problem after problem. Differencing per problem first removes the difficulty from
+    the comparison and leaves only the arms' disagreement to bootstrap.
+
+    Problems in only one arm are left out; `problems` says how many were compared. Same
+    inputs and seed, same interval."""
+    k = _count("k", k)
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1); got {confidence!r}")
+    if _count("resamples", resamples) < 1:
+        raise ValueError(f"resamples must be at least 1; got {resamples}")
+    for arm, counts in (("a", a), ("b", b)):
+        for problem, (n, c) in counts.items():
+            try:
+                _check(n, c, k)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"arm {arm}, problem {problem!r}: {exc}") from exc
+    # Sorted, so the bootstrap's draws do not depend on the mappings' order.
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise ValueError("the two arms have no problem in common: nothing to compare")
+
+    differences = np.array(
+        [pass_at_k(*a[problem], k) - pass_at_k(*b[problem], k) for problem in common]
+    )  # (P,)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(common), size=(resamples, len(common)))  # (R, P)
+    means = differences[picks].mean(axis=1)  # (R,)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    better = int(np.sum(differences > _TIE_TOLERANCE))
+    worse = int(np.sum(differences < -_TIE_TOLERANCE))
+    return PairedDifference(
+        k=k,
+        value=float(differences.mean()),
+        low=float(low),
+        high=float(high),
+        problems=len(common),
+        better=better,
+        worse=worse,
+        ties=len(common) - better - worse,
+    )

@@ -13,6 +13,7 @@ from training.engine.evaluation import (
     DEFAULT_PROTOCOL,
     EVALUATION_PROTOCOLS,
     EVALUATION_TEMPLATE,
+    MAX_TOP_K,
     SEED_MAX,
 )
 from training.models import EvaluationBackend, EvaluationSplit, Ruling
@@ -92,6 +93,15 @@ class EvaluationLaunchForm(forms.Form):
         min_value=0.01, max_value=5, initial=0.6, help_text="Paper: 0.6."
     )
     top_p = forms.FloatField(min_value=0.01, max_value=1, initial=0.95, help_text="Paper: 0.95.")
+    top_k = StrictIntegerField(
+        min_value=1,
+        max_value=MAX_TOP_K,
+        required=False,
+        label="Top-k",
+        help_text="Sample from the k most likely tokens only (after temperature, before top-p). "
+        "Empty: no top-k cut (the paper uses none). Evaluations with different top-k are "
+        "flagged as not comparable.",
+    )
     protocol = forms.ChoiceField(
         choices=[(p.name, p.label) for p in EVALUATION_PROTOCOLS.values()],
         initial=DEFAULT_PROTOCOL,

@@ -247,12 +247,15 @@ def _differences(
         ("samples per problem (n)", "samples_per_problem"),
         ("temperature", "temperature"),
         ("top_p", "top_p"),
+        ("top-k", "top_k"),
         ("prompt template", "prompt_template"),
     ):
         values = {getattr(e, attribute) for e in evaluations}
         if len(values) > 1:
             shown = (
-                ", ".join(sorted(str(v) for v in values)) if attribute != "prompt_template" else ""
+                ", ".join(sorted("none" if v is None else str(v) for v in values))
+                if attribute != "prompt_template"
+                else ""
             )
             warnings.append(f"Different {label}{': ' + shown if shown else ''}.")
     overlapping = [f"#{e.pk}" for e in evaluations if e.training_overlap]
@@ -392,6 +395,7 @@ def export_document(comparison: Comparison) -> dict[str, Any]:
                 "budgets": e.budgets,
                 "temperature": e.temperature,
                 "top_p": e.top_p,
+                "top_k": e.top_k,
                 "seed": e.seed,
                 "prompt_template": e.prompt_template,
                 "training_snapshot": e.training_snapshot,

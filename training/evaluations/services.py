@@ -88,6 +88,7 @@ class EvaluationSettings:
     budgets: Sequence[int] = (256, 512)
     temperature: float = 0.6
     top_p: float = 0.95
+    top_k: int | None = None  # None: no top-k cut
     seed: int = 0
     batch_size: int = 8
     prompt_template: str = engine.EVALUATION_TEMPLATE
@@ -249,6 +250,7 @@ def evaluation_launch(*, settings: EvaluationSettings, launched_by) -> Evaluatio
             max_new_tokens=budgets[-1],
             temperature=settings.temperature,
             top_p=settings.top_p,
+            top_k=settings.top_k,
             seed=settings.seed,
             batch_size=settings.batch_size,
             protocol=settings.protocol,
@@ -285,6 +287,7 @@ def evaluation_launch(*, settings: EvaluationSettings, launched_by) -> Evaluatio
         budgets=budgets,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
+        top_k=sampling.top_k,
         seed=sampling.seed,
         batch_size=sampling.batch_size,
         prompt_template=settings.prompt_template,
@@ -406,6 +409,7 @@ def evaluation_execute(
         max_new_tokens=evaluation.max_new_tokens,
         temperature=evaluation.temperature,
         top_p=evaluation.top_p,
+        top_k=evaluation.top_k,
         seed=evaluation.seed,
         batch_size=evaluation.batch_size,
         protocol=evaluation.protocol,

@@ -86,6 +86,7 @@ def evaluation_launch(request: HttpRequest) -> HttpResponse:
                         budgets=data["budgets"],
                         temperature=data["temperature"],
                         top_p=data["top_p"],
+                        top_k=data["top_k"],
                         protocol=data["protocol"],
                         seed=data["seed"],
                         batch_size=data["batch_size"],

@@ -50,6 +50,11 @@ class ExpertSolutionsChoice:
     dataset_id: int | None
     held_out_fraction: float | None = None
     split_seed: int = 0
+    # Exactly these problems of the dataset (database ids; a study's pinned training side,
+    # which problems added to the dataset later do not change); empty: by the split.
+    problem_ids: tuple[int, ...] = ()
+    # The learner prompt the solutions follow (a study trains on the prompt it evaluates with).
+    prompt_template: str = evaluation_engine.EVALUATION_TEMPLATE
 
 
 def boxed_response(solution: str, answer: str) -> tuple[str, bool]:
@@ -108,8 +113,11 @@ def expert_solution_records(
         )
     split = None
     chosen = problems
+    if choice.problem_ids:
+        wanted = set(choice.problem_ids)
+        chosen = [p for p in problems if p.pk in wanted]
     if choice.held_out_fraction is not None:
-        chosen = _training_side(problems, choice)
+        chosen = _training_side(chosen, choice)
         split = {"held_out_fraction": choice.held_out_fraction, "split_seed": choice.split_seed}
         if not chosen:
             raise DomainError(
@@ -144,7 +152,7 @@ def expert_solution_records(
                 "answer": problem.answer,
                 "response": response,
                 "boxed_added": boxed_added,
-                "prompt_template": evaluation_engine.EVALUATION_TEMPLATE,
+                "prompt_template": choice.prompt_template,
                 "reasoning": False,
             }
         )

@@ -151,12 +151,33 @@ class TrainingSettings:
     config: dict[str, Any] = field(default_factory=training_defaults)
     leave_out: Sequence[str] = ()
     expert_solutions: ExpertSolutionsChoice | None = None
+    # Which traces of the runs count as accepted: the reviewers' verdicts (SELECTION_REVIEWED,
+    # the default) or every kept trace no reviewer rejected (SELECTION_AUTOMATIC; studies
+    # offer it, labelled as such wherever the run is shown).
+    selection: str = "reviewed"
 
 
-def accepted_trace_flags(*, run_ids: Sequence[int]) -> dict[str, int]:
+SELECTION_REVIEWED = "reviewed"
+SELECTION_AUTOMATIC = "automatic"
+SELECTIONS = {
+    SELECTION_REVIEWED: "accepted by reviewers",
+    SELECTION_AUTOMATIC: "kept, accepted automatically (no reviewer saw them)",
+}
+
+
+def selected_traces_q(selection: str) -> Q:
+    """The condition on Trace rows of the traces a selection trains on."""
+    if selection == SELECTION_AUTOMATIC:
+        return Q(kept=True) & ~Q(review_state=ReviewState.REJECTED)
+    return Q(review_state=ReviewState.ACCEPTED)
+
+
+def accepted_trace_flags(
+    *, run_ids: Sequence[int], selection: str = SELECTION_REVIEWED
+) -> dict[str, int]:
     """How many accepted traces of the runs carry each flag of `TRACE_FLAGS` (a trace can
     carry several)."""
-    accepted = Trace.objects.filter(run_id__in=run_ids, review_state=ReviewState.ACCEPTED)
+    accepted = Trace.objects.filter(selected_traces_q(selection), run_id__in=run_ids)
     return accepted.aggregate(
         **{flag: Count("pk", filter=trace_flag_q(flag)) for flag in TRACE_FLAGS}
     )
@@ -356,8 +377,17 @@ def _check_runs(run_ids: Sequence[int], base: Path) -> list[ExpansionRun]:
     return runs
 
 
-def _excluded_counts(run_ids: Sequence[int]) -> dict[str, int]:
-    """Traces of the runs left out of the snapshot, by review state."""
+def _excluded_counts(run_ids: Sequence[int], selection: str) -> dict[str, int]:
+    """Traces of the runs left out of the snapshot, by review state (automatic selection:
+    those not kept, and those a reviewer rejected)."""
+    if selection == SELECTION_AUTOMATIC:
+        traces = Trace.objects.filter(run_id__in=run_ids)
+        return {
+            "not kept": traces.filter(kept=False).count(),
+            ReviewState.REJECTED: traces.filter(
+                kept=True, review_state=ReviewState.REJECTED
+            ).count(),
+        }
     counts = dict(
         Trace.objects.filter(run_id__in=run_ids)
         .exclude(review_state=ReviewState.ACCEPTED)
@@ -482,6 +512,7 @@ class TrainingPlan:
     empty: int
     planned_steps: int
     expert: dict[str, Any] | None = None  # the expert-solutions source's summary, if that
+    selection: str = SELECTION_REVIEWED
 
     @property
     def flag_rows(self) -> list[tuple[str, int, int | None]]:
@@ -489,18 +520,23 @@ class TrainingPlan:
 
     @property
     def source_description(self) -> str:
-        return expert_source_description(self.expert) if self.expert else ""
+        if self.expert:
+            return expert_source_description(self.expert)
+        return f"{len(self.traces)} traces {SELECTIONS[self.selection]}"
 
     @property
     def data_filter(self) -> dict[str, Any]:
         if self.expert:
             return dict(self.expert)
-        return {
+        recorded = {
             "leave_out": self.leave_out,
             "flagged": self.flagged,
             "left_out": self.left_out,
             "left_out_total": self.left_out_total,
         }
+        if self.selection != SELECTION_REVIEWED:
+            recorded["selection"] = self.selection
+        return recorded
 
 
 def _leave_out_flags(values: Sequence[str]) -> list[str]:
@@ -526,25 +562,35 @@ def training_run_plan(*, settings: TrainingSettings) -> TrainingPlan:
     config = training_config(dict(settings.config))
     if settings.expert_solutions is not None:
         return _expert_solutions_plan(name, config, settings, settings.expert_solutions)
+    if settings.selection not in SELECTIONS:
+        raise DomainError(f"Unknown trace selection {settings.selection!r}.")
     leave_out = _leave_out_flags(settings.leave_out)
     base = base_model_check(settings.base_model_path)
     runs = _check_runs(settings.run_ids, base)
     run_ids = [r.pk for r in runs]
-    flagged = accepted_trace_flags(run_ids=run_ids)
+    flagged = accepted_trace_flags(run_ids=run_ids, selection=settings.selection)
     chosen = Q(pk__in=[])
     for flag in leave_out:
         chosen |= trace_flag_q(flag)
-    accepted = Trace.objects.filter(run_id__in=run_ids, review_state=ReviewState.ACCEPTED)
+    selected = selected_traces_q(settings.selection)
+    accepted = Trace.objects.filter(selected, run_id__in=run_ids)
     left_out_ids = set(accepted.filter(chosen).values_list("pk", flat=True)) if leave_out else set()
     left_out = accepted.filter(pk__in=left_out_ids).aggregate(
         **{flag: Count("pk", filter=trace_flag_q(flag)) for flag in leave_out}
     )
     traces = [
         t
-        for t in reviewed_traces(run_ids=run_ids, states=[ReviewState.ACCEPTED])
+        for t in reviewed_traces(run_ids=run_ids, states=ReviewState.values).filter(selected)
         if t.pk not in left_out_ids
     ]
-    excluded = _excluded_counts(run_ids)
+    excluded = _excluded_counts(run_ids, settings.selection)
+    if not traces and settings.selection == SELECTION_AUTOMATIC:
+        raise DomainError(
+            "The snapshot is empty: the chosen runs have no kept trace that a reviewer did not "
+            f"reject ({excluded['not kept']} not kept, {excluded[ReviewState.REJECTED]} "
+            "rejected); nothing was queued.",
+            field_errors={"expansion_runs": "no kept traces"},
+        )
     if not traces:
         left = ", ".join(f"{n} {state}" for state, n in excluded.items() if n) or "none"
         if left_out_ids:
@@ -573,6 +619,7 @@ def training_run_plan(*, settings: TrainingSettings) -> TrainingPlan:
         overlong=overlong,
         empty=empty,
         planned_steps=steps,
+        selection=settings.selection,
     )
 
 
@@ -703,7 +750,11 @@ def training_source_description(run: TrainingRun) -> str:
     if run.data_filter.get("source") == EXPERT_SOURCE:
         return expert_source_description(run.data_filter)
     runs = ", ".join(f"#{r['id']}" for r in run.source_runs)
-    return f"{run.snapshot_traces} accepted traces of expansion run(s) {runs}"
+    selection = run.data_filter.get("selection", SELECTION_REVIEWED)
+    return (
+        f"{run.snapshot_traces} traces of expansion run(s) {runs}, "
+        f"{SELECTIONS.get(selection, selection)}"
+    )
 
 
 def lineage(run: TrainingRun, result: Any) -> dict[str, Any]:
