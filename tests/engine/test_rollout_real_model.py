@@ -66,8 +66,11 @@ def common_prefix_share(expected, actual) -> float:
 @pytest.mark.slow
 def test_fast_agrees_with_reference_on_smollm2(smollm):
     model, tokenizer = smollm
-    requests, _ = build_requests(tokenizer, samples=4)  # 8 problems x 4 samples
-    config = RolloutConfig(max_new_tokens=128, tau=0.8)
+    # 8 problems x 2 samples x 96 tokens: the per-token reference loop is the slowest part of
+    # the suite (this test took 4-10 min at 4 samples x 128 tokens); 1,500 tokens still show
+    # the agreement rate.
+    requests, _ = build_requests(tokenizer, samples=2)
+    config = RolloutConfig(max_new_tokens=96, tau=0.8)
     started = time.perf_counter()
     fast = TransformersBackend(model).rollout(requests, config)
     fast_seconds = time.perf_counter() - started
@@ -76,7 +79,7 @@ def test_fast_agrees_with_reference_on_smollm2(smollm):
     reference_seconds = time.perf_counter() - started
     share = common_prefix_share(reference, fast)
     tokens = sum(len(r) for r in reference)
-    assert tokens > 32 * 40, tokens  # the traces are not trivially short
+    assert tokens > 16 * 40, tokens  # the traces are not trivially short
     assert share >= 0.99, f"only {share:.4f} of tokens agree"
     sources = np.concatenate([r.sources for r in reference])
     assert 0 < sources.mean() < 1  # both learner and fallback tokens occur

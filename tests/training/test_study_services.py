@@ -319,3 +319,38 @@ def test_reviewers_acceptance_waits_for_the_review_and_trains_on_accepted_traces
     assert study.state == StudyState.SUCCEEDED
     run = StudyArm.objects.get(study=study, key="nll_traces").training_run
     assert run.trace_ids == [accepted.pk] and "selection" not in run.data_filter
+
+
+def test_the_sweep_advances_a_study_whose_job_ended_without_the_signal(tiny_model_path, queue):
+    """A worker killed right after its job's final write never sends `job_finished`: the
+    periodic sweep (beat: training.tasks.advance_studies) launches the next step instead."""
+    from django.conf import settings
+
+    from dailweb.jobs.events import job_finished
+    from training.studies.signals import advance_on_job_finished
+    from training.tasks import advance_studies
+
+    assert settings.CELERY_BEAT_SCHEDULE["advance-studies"]["task"] == advance_studies.name
+    dataset = make_dataset_with_problems()
+    study = studies.study_launch(
+        settings=tiny_settings(tiny_model_path, dataset, arms=("base", "nll_traces")),
+        launched_by=make_user("admin"),
+    )
+    job_finished.disconnect(dispatch_uid="training.studies.advance_on_job_finished")
+    try:
+        run_queued_jobs()  # the expansion only: nothing launches the next step
+    finally:
+        job_finished.connect(
+            advance_on_job_finished, dispatch_uid="training.studies.advance_on_job_finished"
+        )
+    study.refresh_from_db()
+    assert study.step == StudyStep.EXPANSION and not TrainingRun.objects.exists()
+    advance_studies()
+    study.refresh_from_db()
+    assert study.step == StudyStep.TRAINING
+    assert TrainingRun.objects.count() == 1 and Evaluation.objects.count() == 1
+    advance_studies()  # idempotent: nothing is launched twice
+    assert TrainingRun.objects.count() == 1 and Evaluation.objects.count() == 1
+    run_queued_jobs()
+    study.refresh_from_db()
+    assert study.state == StudyState.SUCCEEDED

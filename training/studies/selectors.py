@@ -203,6 +203,7 @@ def study_document(study: Study, overview: StudyOverview | None = None) -> dict[
                 "key": row.arm.key,
                 "label": row.spec.label,
                 "description": row.spec.description,
+                "trains": row.spec.trains,
                 "state": _arm_state(row),
                 "training": _training_lineage(row.arm),
                 "evaluation_id": row.arm.evaluation_id,
