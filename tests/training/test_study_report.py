@@ -12,6 +12,7 @@ from markdown_it import MarkdownIt
 
 from training.engine.evaluation import SampleOutcome, evaluation_metrics
 from training.engine.metrics import paired_difference
+from training.studies import charts
 from training.studies.charts import PALETTE, ChartPoint, ChartSeries, line_chart_svg
 from training.studies.report import (
     BUDGET_CHART,
@@ -53,9 +54,9 @@ def test_chart_parses_and_has_one_polyline_per_non_empty_series():
     root = ET.fromstring(svg)
     assert root.tag == f"{SVG}svg"
     assert (root.get("width"), root.get("height"), root.get("viewBox")) == (
-        "640",
-        "360",
-        "0 0 640 360",
+        str(charts.WIDTH),
+        str(charts.HEIGHT),
+        f"0 0 {charts.WIDTH} {charts.HEIGHT}",
     )
     assert root.get("role") == "img" and root.get("aria-label") == "pass@k"
     assert root.find(f"{SVG}title").text == "pass@k"

@@ -159,6 +159,8 @@ def test_a_study_runs_every_step_in_order_and_its_document_has_every_arm(tiny_mo
     against = {(c["arm"], c["against"], c["k"]) for c in document["comparisons"]}
     assert ("dail", "base", 1) in against and ("dail", "sft_solutions", 2) in against
     assert ("base", "base", 1) not in against
+    assert ("sft_solutions", "base", 1) in against and ("base", "sft_solutions", 1) not in against
+    assert len(against) == len(document["comparisons"]) == 2 * (4 + 3)
 
 
 @pytest.mark.parametrize(

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from xml.sax.saxutils import escape, quoteattr
 
-WIDTH, HEIGHT = 640, 360
+WIDTH, HEIGHT = 680, 360
 PLOT_LEFT, PLOT_RIGHT, PLOT_TOP, PLOT_BOTTOM = 64, 450, 44, 304  # the plotting area
 LEGEND_LEFT, LEGEND_TOP, LEGEND_ROW = 466, 52, 20
-LEGEND_CHARS = 22  # longer labels are shortened in the legend (the full one is its <title>)
+LEGEND_CHARS = 26  # longer labels are shortened in the legend (the full one is its <title>)
 X_PAD = 14  # keeps the first and last points off the axes
 
 # Okabe & Ito (2008), without yellow (too pale on white) until the others are used up.

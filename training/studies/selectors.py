@@ -153,7 +153,8 @@ def _training_lineage(arm: StudyArm) -> dict[str, Any] | None:
 
 def study_comparisons(overview: StudyOverview) -> list[dict[str, Any]]:
     """Each evaluated arm against the base model and against SFT on the expert solutions, at
-    k = 1 and k = n, paired over the problems both have complete."""
+    k = 1 and k = n, paired over the problems both have complete (a pair once: SFT against
+    the base model, not also the base model against SFT)."""
     counts = {row.arm.key: _counts(row.result) for row in overview.arms}
     seed = int(overview.study.evaluation_settings.get("seed", 0))
     ks = list(overview.study.evaluation_settings.get("ks", [1]))
@@ -165,6 +166,8 @@ def study_comparisons(overview: StudyOverview) -> list[dict[str, Any]]:
         for row in overview.arms:
             if row.arm.key == against or not counts[row.arm.key]:
                 continue
+            if row.arm.key in COMPARED_AGAINST[: COMPARED_AGAINST.index(against)]:
+                continue  # base vs SFT is SFT vs base with the sign turned: shown once
             for k in chosen_ks:
                 common = set(counts[row.arm.key]) & set(counts[against])
                 if not common or any(
