@@ -313,12 +313,14 @@ WORKER_STALE_SECONDS = env_int("DAIL_WORKER_STALE_SECONDS", 35)
 # it (training.evaluations.services). On a GPU with vLLM, hundreds keep the engine busy.
 EVALUATION_MAX_BATCH_SIZE = env_int("DAIL_EVALUATION_MAX_BATCH_SIZE", 32)
 # Studies (training.studies): what a study will cost is estimated before it is launched from
-# these throughputs of one GPU-queue worker, in tokens per second (defaults: this project's
-# 2-core CPU with SmolLM2-135M, `python -m bench jobs` and `bench train`; set them from your
-# workers' figures), and a study estimated above STUDY_MAX_HOURS is refused.
-STUDY_EXPANSION_TOKENS_PER_SECOND = env_int("DAIL_STUDY_EXPANSION_TOKENS_PER_SECOND", 9)
-STUDY_EVALUATION_TOKENS_PER_SECOND = env_int("DAIL_STUDY_EVALUATION_TOKENS_PER_SECOND", 30)
-STUDY_TRAINING_TOKENS_PER_SECOND = env_int("DAIL_STUDY_TRAINING_TOKENS_PER_SECOND", 150)
+# these throughputs of one GPU-queue worker, in budgeted tokens per second (the estimate counts
+# every sample at its full budget; DAIL's three views three times). Defaults: this project's
+# 2-core CPU with SmolLM2-135M, from the study in docs/studies/ (expansion 37/s on short
+# generated problems, 9/s on CHAMP's long prompts in `bench jobs`; training 300/s; evaluation
+# 20-48/s). Set them from your workers' figures.
+STUDY_EXPANSION_TOKENS_PER_SECOND = env_int("DAIL_STUDY_EXPANSION_TOKENS_PER_SECOND", 20)
+STUDY_EVALUATION_TOKENS_PER_SECOND = env_int("DAIL_STUDY_EVALUATION_TOKENS_PER_SECOND", 40)
+STUDY_TRAINING_TOKENS_PER_SECOND = env_int("DAIL_STUDY_TRAINING_TOKENS_PER_SECOND", 300)
 STUDY_MAX_HOURS = env_int("DAIL_STUDY_MAX_HOURS", 48)
 
 # --- vLLM (expansion runs and evaluations with backend "vllm") ---------------------------

@@ -198,8 +198,16 @@ def _advance(study: Study, *, launched_by, strict: bool) -> None:
             study.save(update_fields=["state", "step", "state_reason"])
             return
 
-    # 2. Training runs, then evaluations (each arm's as soon as it can run).
-    _set_step(study, StudyStep.TRAINING)
+    # 2. Training runs, then evaluations (each arm's as soon as it can run). The step reads
+    # "evaluation" once every trained arm has its adapter.
+    trained = all(
+        not specs[a.key].trains
+        or (
+            a.training_run and a.training_run.job and a.training_run.job.state == JobState.SUCCEEDED
+        )
+        for a in arms
+    )
+    _set_step(study, StudyStep.EVALUATION if trained else StudyStep.TRAINING)
     for arm in arms:
         spec = specs[arm.key]
         if spec.trains and arm.training_run_id is None and not arm.launch_error:
@@ -246,8 +254,6 @@ def _advance(study: Study, *, launched_by, strict: bool) -> None:
         study.step = StudyStep.DONE
         _stop(study, StudyState.SUCCEEDED, "")
         study.save(update_fields=["step"])
-    elif all(not specs[a.key].trains or a.evaluation_id for a in arms):
-        _set_step(study, StudyStep.EVALUATION)
 
 
 def _training_settings(study: Study, spec: ArmSpec) -> TrainingSettings:
