@@ -114,7 +114,7 @@ class EvaluationResult:
         }
 
 
-def _results(evaluations: Sequence[Evaluation]) -> list[EvaluationResult]:
+def evaluation_results(evaluations: Sequence[Evaluation]) -> list[EvaluationResult]:
     """Results of several evaluations: two queries whatever their size."""
     ids = [e.pk for e in evaluations]
     members = defaultdict(list)
@@ -207,7 +207,7 @@ def _results(evaluations: Sequence[Evaluation]) -> list[EvaluationResult]:
 
 
 def evaluation_result(evaluation: Evaluation) -> EvaluationResult:
-    return _results([evaluation])[0]
+    return evaluation_results([evaluation])[0]
 
 
 @dataclass
@@ -273,7 +273,7 @@ def evaluation_comparison(evaluation_ids: Iterable[int]) -> Comparison:
         e.pk: e for e in Evaluation.objects.select_related("job", "dataset").filter(pk__in=ids)
     }
     evaluations = [found[i] for i in ids if i in found]
-    results = _results(evaluations)
+    results = evaluation_results(evaluations)
     ks = sorted({k for e in evaluations for k in e.ks})
     budgets = sorted({b for e in evaluations for b in e.budgets})
     sets = [frozenset(p.problem_id for p in r.problems) for r in results]

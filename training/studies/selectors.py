@@ -16,7 +16,7 @@ from django.db.models import Count, Q, QuerySet
 from dailweb.jobs.models import ACTIVE_STATES, Job, JobState
 from expansion.models import Trace
 from training.engine.metrics import paired_difference
-from training.evaluations.selectors import EvaluationResult, _results
+from training.evaluations.selectors import EvaluationResult, evaluation_results
 from training.models import Study, StudyArm
 from training.services.training import training_source_description
 from training.studies.plan import ArmSpec, arm_spec
@@ -117,7 +117,7 @@ def study_overview(study: Study) -> StudyOverview:
         ).order_by("position")
     )
     evaluations = [a.evaluation for a in arms if a.evaluation is not None]
-    results = {r.evaluation.pk: r for r in _results(evaluations)} if evaluations else {}
+    results = {r.evaluation.pk: r for r in evaluation_results(evaluations)} if evaluations else {}
     rows = [ArmRow(arm=a, spec=arm_spec(a.key), result=results.get(a.evaluation_id)) for a in arms]
     return StudyOverview(study=study, arms=rows, expansion=_expansion_step(study))
 
