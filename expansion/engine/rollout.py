@@ -26,7 +26,7 @@ reproducible only with the same engine, block and batch settings (and the same h
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from numbers import Integral
 from typing import Any, Literal, Protocol, TypeGuard
@@ -404,6 +404,44 @@ def non_finite_message(views: Sequence[str], position: int) -> str:
     names = " and ".join(v for v in VIEWS if v in views)
     plural = "views" if len(views) > 1 else "view"
     return f"non-finite logits (NaN or inf) from the {names} {plural} at position {position}"
+
+
+# --- The commit rules: how a decided token ends (or extends) a sequence, for every engine ---
+
+Ending = tuple[FinishReason, str | None]  # (finish_reason, error message or None)
+
+
+def token_ending(
+    token: int, failed_views: Sequence[str], position: int, eos_token_ids: Collection[int]
+) -> Ending | None:
+    """Whether the token decided at `position` ends its sequence, before it is appended.
+
+    Non-finite logits from any consulted view end it with an error (the token is not kept);
+    an EOS token ends it with "eos" (not kept either: traces hold the reasoning, not the
+    terminator); otherwise None, and the caller appends the token.
+    """
+    if failed_views:
+        return ("error", non_finite_message(failed_views, position))
+    if token in eos_token_ids:
+        return ("eos", None)
+    return None
+
+
+def length_ending(tokens_kept: int, config: RolloutConfig) -> Ending | None:
+    """After appending: a sequence holding `max_new_tokens` tokens ends with "length"."""
+    return ("length", None) if tokens_kept >= config.max_new_tokens else None
+
+
+def adapted_block_size(block: int, fully_matched_share: float, max_block_size: int) -> int:
+    """The next draft block: doubled (up to the maximum) when at least 90 % of the sequences
+    had every drafted token equal to the rule's outcome (whether accepted or a fallback),
+    halved (down to 1) when fewer than half did; unchanged in between. Speed only: the
+    tokens do not depend on it."""
+    if fully_matched_share >= 0.9:
+        return min(block * 2, max_block_size)
+    if fully_matched_share < 0.5:
+        return max(block // 2, 1)
+    return block
 
 
 def validate_requests(requests: Sequence[RolloutRequest], vocab_size: int) -> None:

@@ -9,11 +9,17 @@ Per cycle, for every active sequence:
    (`sampling.mixed_policy_decisions`, keyed random numbers) position by position; the first
    position whose outcome differs from the draft is resolved by the rule (an accepted later
    candidate or a fallback), and both caches roll back to it;
-4. sequences that hit EOS, `max_new_tokens` or non-finite logits leave the batch.
+4. sequences that hit EOS, `max_new_tokens` or non-finite logits leave the batch, and the
+   block grows or shrinks with the share of fully matched drafts (the commit rules every
+   engine shares: `rollout.token_ending`, `length_ending`, `adapted_block_size`).
 
 Which view drafts, the block size and the batch only change speed: the rule's outcome at a
 position depends on (seed, sequence key, position) and the two distributions alone, so traces
-equal the reference loop's (exactly in float64; up to float rounding otherwise).
+equal the reference loop's (exactly in float64; up to float rounding otherwise). One known
+difference: when a drafted token's keys/values are non-finite, the checker's one pass over the
+block spreads NaN to the block's earlier positions (masked attention weights are 0, and
+0 x NaN is NaN), so such a trace ends with the same non-finite error up to one block earlier
+than in the reference (`tests/engine/test_commit_rules.py`).
 
 Single view: with tau = 0 the rule accepts every first candidate and with tau = 1 it always
 falls back, so only one view is consulted (one forward pass per token, as plain sampling costs;
@@ -49,14 +55,17 @@ from expansion.engine.rollout import (
     SOURCE_LEARNER,
     SOURCE_PRIVILEGED,
     VIEWS,
+    Ending,
     FinishedCallback,
     ProgressCallback,
     RolloutConfig,
     RolloutRequest,
     RolloutResult,
     RolloutStats,
+    adapted_block_size,
     finished_result,
-    non_finite_message,
+    length_ending,
+    token_ending,
     token_reporter,
     validate_requests,
 )
@@ -424,19 +433,20 @@ class _Wave:
         for b, index in enumerate(self.rows):
             out = self.outputs[index]
             limit = int(min(block, remaining[b]))
-            reason: tuple[str, str | None] | None = None
+            ending: Ending | None = None
             count = 0
             matched = 0
             for j in range(limit):
-                failed = [v for v in VIEWS if not host[f"finite_{v}"][b, j]]
-                if failed:
-                    reason = ("error", non_finite_message(failed, int(self.done[b]) + j))
-                    break
                 token = int(host["token"][b, j])
-                count += 1
-                if token in self.eos:
-                    reason = ("eos", None)
+                failed = [v for v in VIEWS if not host[f"finite_{v}"][b, j]]
+                ending = token_ending(token, failed, int(self.done[b]) + j, self.eos)
+                if ending is not None:
+                    # The EOS position counts as decided (its slot is kept until the row
+                    # leaves); a position with non-finite logits does not.
+                    if ending[0] == "eos":
+                        count += 1
                     break
+                count += 1
                 accepted = bool(host["accepted"][b, j])
                 out["token_ids"].append(token)
                 out["sources"].append(self.proposer_source if accepted else self.verifier_source)
@@ -452,10 +462,10 @@ class _Wave:
             self.stats.matched_drafts += matched
             fully_matched += int(matched == limit)
             decided[b] = count
-            if reason is None and int(self.done[b]) + count >= self.config.max_new_tokens:
-                reason = ("length", None)
-            if reason is not None:
-                self._finish(index, reason)
+            if ending is None:
+                ending = length_ending(len(out["token_ids"]), self.config)
+            if ending is not None:
+                self._finish(index, ending)
                 finished_rows.append(b)
                 tokens_done += self.config.max_new_tokens - int(self.done[b])
             else:
@@ -467,7 +477,7 @@ class _Wave:
             self._drop_rows(finished_rows)
         report(tokens_done)
 
-    def _finish(self, index: int, reason: tuple[str, str | None]) -> None:
+    def _finish(self, index: int, ending: Ending) -> None:
         out = self.outputs.pop(index)
         result = finished_result(
             self.requests.pop(index),
@@ -477,18 +487,15 @@ class _Wave:
             out["draws"],
             out["learner"],
             out["privileged"],
-            finish_reason=reason[0],  # type: ignore[arg-type]
-            error=reason[1],
+            finish_reason=ending[0],
+            error=ending[1],
         )
         self.just_finished.append((index, result))
 
     def _adapt_block(self, fully_matched_share: float) -> None:
-        if self.single:
+        if self.single:  # one token per cycle: nothing is drafted
             return
-        if fully_matched_share >= 0.9:
-            self.block = min(self.block * 2, self.config.max_block_size)
-        elif fully_matched_share < 0.5:
-            self.block = max(self.block // 2, 1)
+        self.block = adapted_block_size(self.block, fully_matched_share, self.config.max_block_size)
 
     def _roll_back(self, decided: np.ndarray, block: int, host: dict[str, np.ndarray]) -> None:
         """Keep the first `decided` new slots of each row; feed the last decided token next."""

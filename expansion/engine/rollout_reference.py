@@ -2,8 +2,10 @@
 
 This is DAIL step 1 as the release runs it (both engines queried once per token), written to
 be read: prefill both prompts, then per position take both views' next-token distributions,
-apply the rule (`sampling.mixed_policy_decisions`), append the token to both contexts. It is
-the oracle the fast engine is tested against and the baseline the benchmark compares with.
+apply the rule (`sampling.mixed_policy_decisions`), end the sequence or keep the token by the
+commit rules every engine shares (`rollout.token_ending`, `length_ending`), feed it to both
+contexts. It is the oracle the fast engine is tested against and the baseline the benchmark
+compares with.
 
 `batch_size` > 1 steps several sequences in lockstep (left-padded) to make slow tests
 affordable; each sequence's tokens are the same as with `batch_size=1` up to float rounding.
@@ -28,6 +30,7 @@ from expansion.engine import model_views
 from expansion.engine.rollout import (
     SOURCE_LEARNER,
     SOURCE_PRIVILEGED,
+    Ending,
     FinishedCallback,
     ProgressCallback,
     RolloutConfig,
@@ -35,7 +38,8 @@ from expansion.engine.rollout import (
     RolloutResult,
     RolloutStats,
     finished_result,
-    non_finite_message,
+    length_ending,
+    token_ending,
     validate_requests,
 )
 from expansion.engine.sampling import (
@@ -111,7 +115,7 @@ def _rollout_lockstep(
         name: [[] for _ in requests]
         for name in ("token_ids", "sources", "draws", "learner", "privileged")
     }
-    finish: list[tuple[str, str | None] | None] = [None] * batch
+    finish: list[Ending | None] = [None] * batch
     proposer_source = SOURCE_LEARNER if config.proposer == "learner" else SOURCE_PRIVILEGED
     verifier_source = 1 - proposer_source
 
@@ -147,13 +151,10 @@ def _rollout_lockstep(
         for row in range(batch):
             if finish[row] is not None:
                 continue
-            failed = [view for view in views if not bool(dists[view].finite[row])]
-            if failed:
-                finish[row] = ("error", non_finite_message(failed, position))
-                continue
             token = int(token_ids[row])
-            if token in config.eos_token_ids:
-                finish[row] = ("eos", None)
+            failed = [view for view in views if not bool(dists[view].finite[row])]
+            finish[row] = token_ending(token, failed, position, config.eos_token_ids)
+            if finish[row] is not None:
                 continue
             accepted = bool(decisions.accepted[row])
             columns["token_ids"][row].append(token)
@@ -163,7 +164,8 @@ def _rollout_lockstep(
             columns["privileged"][row].append(view_logprobs["privileged"][row])
             stats.tokens += 1
             stats.fallbacks += 0 if accepted else 1
-        if all(f is not None for f in finish) or position + 1 == config.max_new_tokens:
+            finish[row] = length_ending(len(columns["token_ids"][row]), config)
+        if all(f is not None for f in finish):
             break
         # Feed the chosen token to both views (finished rows are fed too and ignored).
         for view in views:
@@ -182,20 +184,24 @@ def _rollout_lockstep(
             next_position[view] = next_position[view] + 1
             stats.forward_passes += 1
 
-    return [
-        finished_result(
-            request,
-            config,
-            columns["token_ids"][row],
-            columns["sources"][row],
-            columns["draws"][row],
-            columns["learner"][row],
-            columns["privileged"][row],
-            finish_reason=(finish[row] or ("length", None))[0],  # type: ignore[arg-type]
-            error=(finish[row] or ("length", None))[1],
+    results = []
+    for row, request in enumerate(requests):
+        ending = finish[row]
+        assert ending is not None  # every row ends by max_new_tokens at the latest
+        results.append(
+            finished_result(
+                request,
+                config,
+                columns["token_ids"][row],
+                columns["sources"][row],
+                columns["draws"][row],
+                columns["learner"][row],
+                columns["privileged"][row],
+                finish_reason=ending[0],
+                error=ending[1],
+            )
         )
-        for row, request in enumerate(requests)
-    ]
+    return results
 
 
 class ReferenceBackend:
