@@ -52,7 +52,9 @@ TARGET_LOW, TARGET_HIGH = 0.05, 0.50
 
 
 def load(model_arg: str | None, threads: int | None) -> tuple[Any, Any, str]:
-    from expansion.engine.models import load_model
+    """(model, tokenizer, model path): `model_arg` or the embedded model, on the CPU when
+    `threads` is given."""
+    from expansion.engine.session import open_model_session
 
     if threads:
         torch.set_num_threads(threads)
@@ -60,9 +62,9 @@ def load(model_arg: str | None, threads: int | None) -> tuple[Any, Any, str]:
         from expansion.engine.embedded_model import prepare_embedded_model
 
         model_arg = str(prepare_embedded_model(Path("data/artifacts")).path)
-    model, tokenizer = load_model(model_arg, device="cpu" if threads else None)
-    model.eval()
-    return model, tokenizer, model_arg
+    # A transformers session starts no engine process: the benchmark's end releases it.
+    session = open_model_session(model_arg, device="cpu" if threads else None)
+    return session.model, session.tokenizer, model_arg
 
 
 _INTEGER = re.compile(r"-?\d+")

@@ -250,13 +250,14 @@ def main(argv: list[str]) -> int:
 
     model_dir = str(prepare_embedded_model(Path("data/artifacts")).path)
     os.environ["DAIL_TEST_BROKER_URL"] = "memory://"
-    with tempfile.TemporaryDirectory() as tmp:
+    from expansion.engine.session import open_model_session
+
+    with tempfile.TemporaryDirectory() as tmp, open_model_session(model_dir) as session:
         setup_django(Path(tmp))
         from expansion.engine.model_views import default_eos_token_ids
-        from expansion.engine.models import load_model
         from expansion.engine.rollout import RolloutConfig
 
-        model, tokenizer = load_model(model_dir)
+        model, tokenizer = session.model, session.tokenizer
         eos = list(default_eos_token_ids(model))
         problems = _champ_problems(problems_count)
         rows: list[dict[str, Any]] = []

@@ -80,9 +80,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from bench.rollout import load, make_workload, requests_for
-    from expansion.engine.backend_vllm import VllmBackend
     from expansion.engine.rollout import RolloutConfig
     from expansion.engine.rollout_reference import reference_rollout
+    from expansion.engine.vllm_backend.backends import VllmBackend
 
     # The transformers model gives the workload (chat template, EOS) and the reference.
     model, tokenizer, model_name = load(args.model, "cpu", "float32")

@@ -14,8 +14,9 @@ three views' log-probs, PS/NR alternatives), written chunk by chunk
 to `OUT.jsonl.partial` and renamed at the end; plus `OUT.run.json` with the settings, prompt
 templates, model and statistics. No database is involved.
 
-This module knows nothing about Django; the work itself is `pipeline.expand_items` (shared
-with the expansion jobs), one chunk of problems at a time.
+This module knows nothing about Django; the model, tokenizer and engine come from one
+`session.ModelSession` (closed however the run ends), and the work itself is
+`pipeline.expand_items` (both shared with the expansion jobs), one chunk of problems at a time.
 """
 
 from __future__ import annotations
@@ -31,16 +32,17 @@ from pathlib import Path
 from typing import Any
 
 from expansion.engine.answers import DEFAULT_KEPT_RULE, KEPT_RULES
+from expansion.engine.models import ModelLoadError
 from expansion.engine.partial_solution import render_partial_solution, suggest_waypoints
 from expansion.engine.prompts import (
     PromptError,
     PromptTemplates,
     ViewPrompts,
     build_view_prompts,
-    thinking_end_token_ids,
 )
 from expansion.engine.rollout import RolloutConfig, RolloutStats
 from expansion.engine.sampling import sequence_key
+from expansion.engine.session import ModelSession, open_model_session
 
 
 class InputError(ValueError):
@@ -183,19 +185,25 @@ def _rollout_config(args: argparse.Namespace, forbidden: Sequence[int]) -> Rollo
     return RolloutConfig(**settings)
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    from expansion.engine.models import load_model
-
+def _open_session(args: argparse.Namespace) -> ModelSession:
+    """The run's model session: `--model` (default: the embedded model, prepared once),
+    `--adapter` as the learner view, the chosen engine."""
     model_path = args.model
     if model_path is None:
         from expansion.engine.embedded_model import prepare_embedded_model
 
         artifacts = Path(os.environ.get("DAIL_ARTIFACTS_DIR", "data/artifacts"))
         model_path = str(prepare_embedded_model(artifacts).path)
-    model, tokenizer = load_model(
-        model_path, device=args.device, dtype=args.dtype, adapter=args.adapter
+    vllm_options = {"kv_cache_memory_bytes": args.kv_cache_gb << 30} if args.kv_cache_gb else {}
+    return open_model_session(
+        model_path,
+        adapter=args.adapter,
+        engine=args.engine,
+        device=args.device,
+        dtype=args.dtype,
+        reasoning=args.reasoning,
+        vllm_options=vllm_options,
     )
-    return model, tokenizer, model_path
 
 
 class _StageBars:
@@ -230,102 +238,28 @@ def expand(args: argparse.Namespace) -> dict[str, Any]:
     templates = PromptTemplates()
     if args.templates:
         templates = PromptTemplates.from_dict(json.loads(args.templates.read_text()))
-    model, tokenizer, model_path = _load(args)
-    forbidden = thinking_end_token_ids(tokenizer) if args.reasoning else ()
-    config = _rollout_config(args, forbidden)
-    max_prompt = args.max_prompt_tokens
-    if max_prompt is None:
-        context = getattr(model.config, "max_position_embeddings", None)
-        max_prompt = context - config.max_new_tokens if context else None
-        if max_prompt is not None and max_prompt < 1:
-            raise InputError(f"max_new_tokens {config.max_new_tokens} leaves no room for prompts")
-    prompts: list[ViewPrompts] = []
-    partials: list[str] = []
-    for problem in problems:
-        partial = render_partial_solution(problem.answer, problem.waypoints)
-        try:
-            prompts.append(
-                build_view_prompts(
-                    tokenizer,
-                    problem.problem,
-                    problem.solutions,
-                    partial,
-                    templates,
-                    reasoning=args.reasoning,
-                    max_prompt_tokens=max_prompt,
+    with _open_session(args) as session:
+        # Scoring runs on the transformers model whichever engine rolls out.
+        model, tokenizer = session.model, session.tokenizer
+        config = _rollout_config(args, session.forbidden_token_ids)
+        max_prompt = args.max_prompt_tokens
+        if max_prompt is None:
+            context = getattr(model.config, "max_position_embeddings", None)
+            max_prompt = context - config.max_new_tokens if context else None
+            if max_prompt is not None and max_prompt < 1:
+                raise InputError(
+                    f"max_new_tokens {config.max_new_tokens} leaves no room for prompts"
                 )
-            )
-        except PromptError as exc:
-            raise InputError(f"{args.input}:{problem.line}: {exc}") from exc
-        partials.append(partial)
-
-    from expansion.engine.pipeline import ExpansionItem, expand_items
-    from expansion.engine.rollout_fast import TransformersBackend
-    from expansion.engine.rollout_reference import ReferenceBackend
-
-    if args.engine == "vllm":
-        from expansion.engine.backend_vllm import VllmBackend
-
-        options = {"kv_cache_memory_bytes": args.kv_cache_gb << 30} if args.kv_cache_gb else {}
-        if args.dtype:
-            options["dtype"] = args.dtype
-        backend = VllmBackend.from_model(model_path, adapter=args.adapter, **options)
-    elif args.engine == "fast":
-        backend = TransformersBackend(model)
-    else:
-        backend = ReferenceBackend(model)
-    stats = type(backend.last_stats)()  # the vLLM backend counts more (requests, ...)
-    counts = {"traces": 0, "kept": 0, "errors": 0, "tokens": 0}
-    partial_path = args.output.with_name(args.output.name + ".partial")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with partial_path.open("w", encoding="utf-8") as out:
-            for start in range(0, len(problems), args.chunk_problems):
-                chunk = list(range(start, min(start + args.chunk_problems, len(problems))))
-                items = [
-                    ExpansionItem(
-                        key=problems[i].problem_id,
-                        problem=problems[i].problem,
-                        solution=problems[i].solutions,
-                        partial_solution=partials[i],
-                        answer=problems[i].answer,
-                    )
-                    for i in chunk
-                ]
-                label = f"problems {chunk[0] + 1}-{chunk[-1] + 1}/{len(problems)}"
-                with _StageBars(label, args.quiet) as bars:
-                    traces = expand_items(
-                        model,
-                        tokenizer,
-                        backend,
-                        items,
-                        config=config,
-                        samples=args.samples,
-                        templates=templates,
-                        reasoning=args.reasoning,
-                        top_n=args.top_n,
-                        shortcut_threshold=args.shortcut_threshold,
-                        max_prompt_tokens=max_prompt,
-                        progress=bars.update,
-                        kept_rule=args.kept_rule,
-                    )
-                _add_stats(stats, backend.last_stats)
-                for trace in traces:
-                    index = chunk[trace.item_index]
-                    record = _trace_record(problems[index], trace, prompts[index], partials[index])
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    counts["traces"] += 1
-                    counts["kept"] += int(trace.kept)
-                    counts["errors"] += int(trace.finish_reason == "error")
-                    counts["tokens"] += len(trace.arrays)
-    finally:
-        if args.engine == "vllm":
-            backend.close()
-    partial_path.replace(args.output)
+        prompts, partials = _view_prompts(args, problems, tokenizer, templates, max_prompt)
+        backend = session.backend
+        stats = type(backend.last_stats)()  # the vLLM backend counts more (requests, ...)
+        counts = _write_traces(
+            args, session, config, templates, max_prompt, problems, prompts, partials, stats
+        )
     summary = {
         "input": str(args.input),
         "output": str(args.output),
-        "model": model_path,
+        "model": str(session.model_path),
         "adapter": args.adapter,
         "engine": args.engine,
         "samples": args.samples,
@@ -346,6 +280,99 @@ def expand(args: argparse.Namespace) -> dict[str, Any]:
     run_path = args.output.with_name(args.output.name.removesuffix(".jsonl") + ".run.json")
     run_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _view_prompts(
+    args: argparse.Namespace,
+    problems: list[Problem],
+    tokenizer: Any,
+    templates: PromptTemplates,
+    max_prompt: int | None,
+) -> tuple[list[ViewPrompts], list[str]]:
+    """Every problem's three prompts and partial solution, built before any rollout (a
+    problem whose prompts cannot be built stops the run with its line number)."""
+    prompts: list[ViewPrompts] = []
+    partials: list[str] = []
+    for problem in problems:
+        partial = render_partial_solution(problem.answer, problem.waypoints)
+        try:
+            prompts.append(
+                build_view_prompts(
+                    tokenizer,
+                    problem.problem,
+                    problem.solutions,
+                    partial,
+                    templates,
+                    reasoning=args.reasoning,
+                    max_prompt_tokens=max_prompt,
+                )
+            )
+        except PromptError as exc:
+            raise InputError(f"{args.input}:{problem.line}: {exc}") from exc
+        partials.append(partial)
+    return prompts, partials
+
+
+def _write_traces(
+    args: argparse.Namespace,
+    session: ModelSession,
+    config: RolloutConfig,
+    templates: PromptTemplates,
+    max_prompt: int | None,
+    problems: list[Problem],
+    prompts: list[ViewPrompts],
+    partials: list[str],
+    stats: RolloutStats,
+) -> dict[str, int]:
+    """Expand the problems chunk by chunk into `OUT.jsonl.partial`, renamed to OUT at the end;
+    the backend's statistics are added to `stats`. Returns the counts."""
+    from expansion.engine.pipeline import ExpansionItem, expand_items
+
+    backend = session.backend
+    counts = {"traces": 0, "kept": 0, "errors": 0, "tokens": 0}
+    partial_path = args.output.with_name(args.output.name + ".partial")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with partial_path.open("w", encoding="utf-8") as out:
+        for start in range(0, len(problems), args.chunk_problems):
+            chunk = list(range(start, min(start + args.chunk_problems, len(problems))))
+            items = [
+                ExpansionItem(
+                    key=problems[i].problem_id,
+                    problem=problems[i].problem,
+                    solution=problems[i].solutions,
+                    partial_solution=partials[i],
+                    answer=problems[i].answer,
+                )
+                for i in chunk
+            ]
+            label = f"problems {chunk[0] + 1}-{chunk[-1] + 1}/{len(problems)}"
+            with _StageBars(label, args.quiet) as bars:
+                traces = expand_items(
+                    session.model,
+                    session.tokenizer,
+                    backend,
+                    items,
+                    config=config,
+                    samples=args.samples,
+                    templates=templates,
+                    reasoning=args.reasoning,
+                    top_n=args.top_n,
+                    shortcut_threshold=args.shortcut_threshold,
+                    max_prompt_tokens=max_prompt,
+                    progress=bars.update,
+                    kept_rule=args.kept_rule,
+                )
+            _add_stats(stats, backend.last_stats)
+            for trace in traces:
+                index = chunk[trace.item_index]
+                record = _trace_record(problems[index], trace, prompts[index], partials[index])
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                counts["traces"] += 1
+                counts["kept"] += int(trace.kept)
+                counts["errors"] += int(trace.finish_reason == "error")
+                counts["tokens"] += len(trace.arrays)
+    partial_path.replace(args.output)
+    return counts
 
 
 def _add_stats(total: RolloutStats, part: RolloutStats) -> None:
@@ -399,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = expand(args)
-    except (InputError, PromptError, ValueError, FileNotFoundError) as exc:
+    except (InputError, PromptError, ValueError, FileNotFoundError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     counts = summary["counts"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 
@@ -12,6 +14,8 @@ from dailweb.errors import DomainError
 from dailweb.jobs.models import Job, JobState
 from dailweb.jobs.services import job_launch
 from expansion.engine import embedded_model, prompts
+from expansion.engine.models import ModelLoadError
+from expansion.engine.session import ModelSession, open_model_session
 from expansion.engine.tokenizer_cache import cached_tokenizer
 
 MODEL_PREPARE_KIND = "model_prepare"
@@ -124,34 +128,40 @@ def prompt_texts_for_preview(
 def vllm_launch_refusal() -> str:
     """Why a job with backend "vllm" may not be launched ('' when it may): vLLM must import
     here, unless `DAIL_VLLM_ON_WORKERS` says the GPU workers have it (the job then checks)."""
-    from expansion.engine.backend_vllm import vllm_unavailable_reason
+    from expansion.engine.vllm_backend.availability import vllm_unavailable_reason
 
     if settings.VLLM_ON_WORKERS:
         return ""
     return vllm_unavailable_reason()
 
 
-def vllm_rollout_backend(model_path: str | Path, adapter_path: str | Path | None = None):
-    """A vLLM engine for a job (an expansion run or an evaluation) in this worker process.
+@contextmanager
+def model_session_open(
+    *,
+    model_path: str | Path,
+    adapter_path: str | Path | None = None,
+    engine: str = "fast",
+    reasoning: bool = False,
+) -> Iterator[ModelSession]:
+    """A model session for a job (an expansion chunk or an evaluation) in this worker process,
+    closed when the block ends however it ends (a vLLM engine shut down).
 
-    The engine runs in-process (a Celery pool process starts no children of its own), with
-    the configured KV cache (`DAIL_VLLM_KV_CACHE_GB`); with an adapter, LoRA is enabled and
-    the adapter is the learner view. The caller closes it (`.close()`) when the job is done.
+    vLLM runs in-process (a Celery pool process starts no children of its own) with the
+    configured KV cache (`DAIL_VLLM_KV_CACHE_GB`); an adapter is the learner view. The
+    engine's loading errors, when the session opens or first loads what the block asks for,
+    become `DomainError`s with the engine's message (which names the path).
     """
-    from expansion.engine.backend_vllm import VllmBackend
-
-    path = Path(model_path)
-    if not (path / "config.json").is_file():
-        raise DomainError(
-            f"vLLM needs a Hugging Face model directory (with config.json); {path} is not one. "
-            "Use the transformers backend for GGUF files."
-        )
-    options: dict = {"in_process": True}
+    vllm_options: dict[str, Any] = {"in_process": True}
     if settings.VLLM_KV_CACHE_GB:
-        options["kv_cache_memory_bytes"] = settings.VLLM_KV_CACHE_GB << 30
+        vllm_options["kv_cache_memory_bytes"] = settings.VLLM_KV_CACHE_GB << 30
     try:
-        return VllmBackend.from_model(path, adapter=adapter_path or None, **options)
-    except ImportError as exc:
-        raise DomainError(f"vLLM is not installed on this worker: {exc}") from exc
-    except Exception as exc:  # vLLM raises many types at start-up; name the model
-        raise DomainError(f"Cannot start vLLM on {path}: {exc}") from exc
+        with open_model_session(
+            model_path,
+            adapter=adapter_path or None,
+            engine=engine,
+            reasoning=reasoning,
+            vllm_options=vllm_options,
+        ) as session:
+            yield session
+    except ModelLoadError as exc:
+        raise DomainError(str(exc)) from exc

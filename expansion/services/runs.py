@@ -27,7 +27,7 @@ from dailweb.errors import ConflictError, DomainError
 from dailweb.jobs.models import ACTIVE_STATES, Job, JobState
 from dailweb.jobs.services import job_cancel, job_launch, job_retry
 from expansion.engine.answers import DEFAULT_KEPT_RULE, KEPT_RULES
-from expansion.engine.prompts import PromptError, PromptTemplates, thinking_end_token_ids
+from expansion.engine.prompts import PromptError, PromptTemplates
 from expansion.engine.rollout import (
     DEFAULT_ROLLOUT_PRESET,
     RolloutConfig,
@@ -35,7 +35,7 @@ from expansion.engine.rollout import (
     preset_rollout_config,
 )
 from expansion.models import Backend, ExpansionChunk, ExpansionRun, RunProblem, Trace
-from expansion.services.models import vllm_launch_refusal
+from expansion.services.models import model_session_open, vllm_launch_refusal
 
 EXPANSION_CHUNK_KIND = "expansion_chunk"
 MAX_SAMPLES = 256
@@ -315,10 +315,7 @@ def expansion_chunk_execute(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Expand the chunk's problems that do not have all their traces yet."""
-    from expansion.engine.models import ModelLoadError, load_model
     from expansion.engine.pipeline import expand_items
-    from expansion.engine.rollout_fast import TransformersBackend
-    from expansion.services.models import vllm_rollout_backend
 
     run = ExpansionRun.objects.get(pk=run_id)
     chunk = ExpansionChunk.objects.get(run=run, index=chunk_index)
@@ -336,50 +333,49 @@ def expansion_chunk_execute(
         progress(total, total, "nothing left to expand")
         return {"problems": len(members), "expanded_now": 0}
     model_path = Path(run.model_path)
-    if not model_path.exists():
-        raise DomainError(f"No model at {model_path}: the path does not exist.")
     progress(done, total, f"loading {model_path.name}")
-    try:
-        model, tokenizer = load_model(model_path, adapter=run.adapter_path or None)
-    except ModelLoadError as exc:
-        raise DomainError(f"Cannot load the model at {model_path}: {exc}") from exc
-    templates = PromptTemplates.from_dict(run.templates)
-    if run.reasoning:  # the thinking section must not be closed during expansion
-        config = dataclasses.replace(config, forbidden_token_ids=thinking_end_token_ids(tokenizer))
-    if run.backend == Backend.VLLM:
-        # vLLM runs the rollout; the transformers model scores the finished traces.
-        log(f"starting vLLM on {model_path.name}")
-        backend = vllm_rollout_backend(model_path, run.adapter_path or None)
-    else:
-        backend = TransformersBackend(model)
-    items = [run_problem_item(member) for member in todo]
-    # Progress in token units: each problem's budget is samples x max_new_tokens (rollout 90 %,
-    # scoring 10 %), over the problems still to do; problems stopping early at EOS count fully.
-    base, work = done, len(todo) * budget
-    shares = {"rollout": 0.0, "scoring": 0.0}
-    stored_problems = [0]
+    vllm = run.backend == Backend.VLLM
+    with model_session_open(
+        model_path=model_path,
+        adapter_path=run.adapter_path or None,
+        engine="vllm" if vllm else "fast",
+        reasoning=run.reasoning,
+    ) as session:
+        # vLLM (when chosen) runs the rollout; the transformers model scores finished traces.
+        model, tokenizer = session.model, session.tokenizer
+        if run.reasoning:  # the thinking section must not be closed during expansion
+            config = dataclasses.replace(config, forbidden_token_ids=session.forbidden_token_ids)
+        if vllm:
+            log(f"starting vLLM on {model_path.name}")
+        backend = session.backend
+        items = [run_problem_item(member) for member in todo]
+        # Progress in token units: each problem's budget is samples x max_new_tokens (rollout
+        # 90 %, scoring 10 %), over the problems still to do; problems stopping early at EOS
+        # count fully.
+        base, work = done, len(todo) * budget
+        shares = {"rollout": 0.0, "scoring": 0.0}
+        stored_problems = [0]
 
-    def report(stage: str, stage_done: int, stage_total: int) -> None:
-        shares[stage] = stage_done / stage_total if stage_total else 0.0
-        fraction = 0.9 * shares["rollout"] + 0.1 * shares["scoring"]
-        progress(
-            base + int(fraction * work),
-            total,
-            f"{stage}: {len(todo)} problems, {stored_problems[0]} stored",
-        )
+        def report(stage: str, stage_done: int, stage_total: int) -> None:
+            shares[stage] = stage_done / stage_total if stage_total else 0.0
+            fraction = 0.9 * shares["rollout"] + 0.1 * shares["scoring"]
+            progress(
+                base + int(fraction * work),
+                total,
+                f"{stage}: {len(todo)} problems, {stored_problems[0]} stored",
+            )
 
-    def store(index: int, traces: list) -> None:
-        member = todo[index]
-        stored = _store_traces(member, traces, run.shortcut_threshold)
-        stored_problems[0] += 1
-        errors = [t for t in traces if t.finish_reason == "error"]
-        tokens = sum(len(t.arrays) for t in traces)
-        log(
-            f"{member.problem.external_id}: stored {stored} traces, {tokens} tokens"
-            + (f"; {len(errors)} failed: {errors[0].error}" if errors else "")
-        )
+        def store(index: int, traces: list) -> None:
+            member = todo[index]
+            stored = _store_traces(member, traces, run.shortcut_threshold)
+            stored_problems[0] += 1
+            errors = [t for t in traces if t.finish_reason == "error"]
+            tokens = sum(len(t.arrays) for t in traces)
+            log(
+                f"{member.problem.external_id}: stored {stored} traces, {tokens} tokens"
+                + (f"; {len(errors)} failed: {errors[0].error}" if errors else "")
+            )
 
-    try:
         try:
             expand_items(
                 model,
@@ -388,7 +384,7 @@ def expansion_chunk_execute(
                 items,
                 config=config,
                 samples=run.samples_per_problem,
-                templates=templates,
+                templates=PromptTemplates.from_dict(run.templates),
                 reasoning=run.reasoning,
                 top_n=run.top_n,
                 shortcut_threshold=run.shortcut_threshold,
@@ -398,8 +394,5 @@ def expansion_chunk_execute(
             )
         except PromptError as exc:
             raise DomainError(f"Nothing was expanded: {exc}") from exc
-        progress(total, total, f"{len(todo)} problems stored")
-        return {"problems": len(members), "expanded_now": len(todo)}
-    finally:
-        if run.backend == Backend.VLLM:
-            backend.close()
+    progress(total, total, f"{len(todo)} problems stored")
+    return {"problems": len(members), "expanded_now": len(todo)}

@@ -1,39 +1,40 @@
 """What-if waypoints: re-score a finished trace's negative-reference log-probs under edited
 waypoints (one prefill), to compare the shortcut heatmap before and after.
 
-Runs in the web process with the run's model, loaded once per process and kept; meant for
-the embedded model and other small models (a large model belongs on a GPU worker).
+Runs in the web process with the run's model, loaded once per process and kept
+(`session.kept_model_session`); meant for the embedded model and other small models (a large
+model belongs on a GPU worker).
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dailweb.errors import DomainError
+from expansion.engine.models import ModelLoadError
 from expansion.engine.partial_solution import WAYPOINTS_SENTENCE, render_partial_solution
 from expansion.engine.scoring import shortcut_scores, summarise_shortcuts
+from expansion.engine.session import kept_model_session
 from expansion.engine.trace_format import decode_trace
 from expansion.models import Trace
 
 MAX_WAYPOINTS = 50
 
 
-@functools.lru_cache(maxsize=1)
-def _model(path: str, adapter: str, stamp: float):
-    from expansion.engine.models import load_model
-
-    return load_model(path, device="cpu", adapter=adapter or None)
-
-
-def _loaded(trace: Trace):
+def _loaded(trace: Trace) -> tuple[Any, Any]:
+    """(model, tokenizer) of the run, from the process's kept model session (loaded once,
+    replaced when the model or adapter files change)."""
     path = Path(trace.run.model_path)
     if not (path / "config.json").is_file():
         raise DomainError(f"The run's model is not on this server ({path}); cannot re-score.")
-    return _model(str(path), trace.run.adapter_path, (path / "config.json").stat().st_mtime)
+    try:
+        session = kept_model_session(path, adapter=trace.run.adapter_path or None, device="cpu")
+        return session.model, session.tokenizer
+    except ModelLoadError as exc:
+        raise DomainError(f"Cannot re-score with the run's model: {exc}") from exc
 
 
 def _one_line(text: str) -> str:

@@ -17,21 +17,21 @@ import numpy as np
 import pytest
 import torch
 
-from expansion.engine.backend_vllm import (
-    DRAFT_PROCESSOR,
-    TopLogprobs,
-    VllmBackend,
-    chosen_logprobs_from_top,
-    decide_positions,
-    top_logprobs_from_flat,
-    view_distributions,
-)
 from expansion.engine.rollout import RolloutConfig, RolloutError
 from expansion.engine.sampling import (
     keyed_uniforms,
     mixed_policy_decisions,
     next_token_distributions,
 )
+from expansion.engine.vllm_backend.backends import VllmBackend
+from expansion.engine.vllm_backend.decisions import (
+    chosen_logprobs_from_top,
+    decide_positions,
+    single_view_decisions,
+    view_distributions,
+)
+from expansion.engine.vllm_backend.engine import DRAFT_PROCESSOR
+from expansion.engine.vllm_backend.outputs import TopLogprobs, top_logprobs_from_flat
 
 VOCAB = 64
 
@@ -130,6 +130,33 @@ def test_top_n_decisions_equal_full_logits_decisions(proposer: str, tau: float, 
         removed = np.where(returned[:, forbidden], np.exp(raw[:, forbidden]), 0.0).sum(axis=1)
         want = raw[np.arange(rows), actual] - np.log1p(-removed)
         np.testing.assert_allclose(got.logprobs[view], want, atol=1e-9)
+
+
+@pytest.mark.parametrize("proposer", ["learner", "privileged"])
+@pytest.mark.parametrize("tau", [0.0, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_single_view_decisions_are_the_rules(proposer: str, tau: float, temperature: float):
+    """tau = 0 / 1: the one consulted view's generated tokens are the rule's decisions; the
+    outcome reports what the two-view rule reports and the other view is left NaN."""
+    config = RolloutConfig(tau=tau, proposer=proposer, top_k=20, temperature=temperature)
+    view = config.proposer if tau == 0.0 else config.verifier
+    other = config.verifier if tau == 0.0 else config.proposer
+    rows = 300
+    logits = {"learner": random_logits(rows, 6), "privileged": random_logits(rows, 7)}
+    keys = np.arange(rows, dtype=np.int64) // 5
+    positions = np.arange(rows, dtype=np.int64) % 5
+    _, expected = full_rule(logits, keys, positions, config)
+    generated = np.asarray(expected.token_ids)  # what the drafting processor makes it emit
+    got = single_view_decisions(top_of(logits[view], config.top_k, generated), view, config)
+    assert got.token_ids.tolist() == generated.tolist()
+    assert got.accepted.tolist() == expected.accepted.tolist() == [tau == 0.0] * rows
+    assert got.draws.tolist() == expected.draws.tolist()
+    assert got.finite[view].all() and got.finite[other].all()
+    assert np.isnan(got.logprobs[other]).all()
+    # The consulted view's full-softmax log-prob at the temperature, from its top-N alone.
+    want = torch.log_softmax(logits[view] / temperature, dim=-1).numpy()[np.arange(rows), generated]
+    atol = 1e-9 if temperature == 1.0 else 0.05  # the tail estimate at other temperatures
+    np.testing.assert_allclose(got.logprobs[view], want, atol=atol)
 
 
 def test_other_temperatures_are_close_and_decide_alike():

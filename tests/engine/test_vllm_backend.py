@@ -8,7 +8,9 @@ vLLM and the transformers reference run different kernels, so exact equality is 
 a float near-tie can flip a decision and the trace then diverges. What must hold: most tokens agree
 with the reference, the fallback share is the reference's, drafts are mostly accepted, the
 results have the transformers backends' shapes and invariants, and a LoRA adapter proposes.
-Agreement and acceptance are printed (`pytest -s`).
+Single-view runs (tau = 0 / 1) are plain sampling from one view: there the traces equal the
+transformers fast engine's, and the other view is never asked. Agreement and acceptance are
+printed (`pytest -s`).
 
 These tests fail (they do not skip) when vLLM is missing. Only where vLLM cannot be imported
 AND `DAIL_SKIP_VLLM=1` is set are they skipped (e.g. a machine with no vLLM build, installed
@@ -35,7 +37,6 @@ except ImportError as exc:
     if os.environ.get("DAIL_SKIP_VLLM") == "1":
         pytest.skip(f"vLLM is not installed ({exc}) and DAIL_SKIP_VLLM=1", allow_module_level=True)
 
-from expansion.engine.backend_vllm import VllmBackend, VllmPerTokenBackend
 from expansion.engine.models import load_model
 from expansion.engine.partial_solution import render_partial_solution, suggest_waypoints
 from expansion.engine.prompts import build_view_prompts
@@ -46,8 +47,10 @@ from expansion.engine.rollout import (
     RolloutRequest,
     RolloutResult,
 )
+from expansion.engine.rollout_fast import fast_rollout
 from expansion.engine.rollout_reference import reference_rollout
 from expansion.engine.sampling import sequence_key
+from expansion.engine.vllm_backend.backends import VllmBackend, VllmPerTokenBackend
 from tests.engine.test_rollout_real_model import PROBLEMS  # the same 8 problems
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -311,6 +314,59 @@ class TestPromptLogprobVerification:
         share = agreement(expected, results)
         print(f"privileged proposer, learner drafts: agreement {share:.3f}")
         assert share >= 0.85
+
+    @pytest.mark.parametrize("tau", [1.0, 0.0])
+    def test_single_view_runs_sample_one_view_and_equal_the_fast_engine(
+        self, backend, smollm, requests, tau, monkeypatch
+    ):
+        """tau = 1 (the verifier alone decides) and tau = 0 (the proposer alone): one request
+        per sequence from that view, nothing asked of the other, and the transformers fast
+        engine's traces for the same seed, EOS included (not kept)."""
+        config = dataclasses.replace(CONFIG, tau=tau)
+        view = config.verifier if tau == 1.0 else config.proposer
+        other = config.proposer if tau == 1.0 else config.verifier
+        asked: list[str] = []
+        generate = backend.generate
+
+        def counting_generate(prompts: list, params: list, views: list[str]) -> list:
+            asked.extend(views)
+            return generate(prompts, params, views)
+
+        monkeypatch.setattr(backend, "generate", counting_generate)
+        results = backend.rollout(requests, config)
+        stats = backend.last_stats
+        assert asked == [view] * len(requests)  # one request per sequence, from one view
+        assert stats.requests == getattr(stats, f"{view}_requests") == len(requests)
+        assert getattr(stats, f"{other}_requests") == 0
+        assert stats.cycles == 1 and stats.logprob_rescores == stats.verify_recomputes == 0
+        assert stats.tokens == sum(len(r) for r in results)
+
+        # Declaring a frequent token EOS makes traces stop right before it (not kept).
+        stop = int(np.bincount(np.concatenate([r.token_ids for r in results])).argmax())
+        stopping = dataclasses.replace(config, eos_token_ids=(stop,))
+        asked.clear()
+        stopped = backend.rollout(requests, stopping)
+        assert asked == [view] * len(requests)
+        assert any(r.finish_reason == "eos" for r in stopped)
+        assert not any(stop in r.token_ids.tolist() for r in stopped)
+
+        model = smollm[0]
+        for settings, got in ((config, results), (stopping, stopped)):
+            expected = fast_rollout(model, requests, settings)
+            for a, b in zip(expected, got, strict=True):
+                assert b.token_ids.tolist() == a.token_ids.tolist()
+                assert b.finish_reason == a.finish_reason and b.error is None
+                assert b.sources.tolist() == a.sources.tolist()
+                assert b.draws.tolist() == a.draws.tolist()
+                assert set(b.draws.tolist()) <= {1 if tau == 0.0 else config.max_draws}
+                np.testing.assert_allclose(
+                    getattr(b, f"{view}_logprobs"), getattr(a, f"{view}_logprobs"), atol=2e-3
+                )
+                assert np.isnan(getattr(b, f"{other}_logprobs")).all()  # never consulted
+        print(
+            f"tau = {tau}: {view} alone, {stats.requests} requests, "
+            f"{sum(r.finish_reason == 'eos' for r in stopped)} traces ended at EOS"
+        )
 
     def test_config_errors(self, backend, requests, tmp_path):
         with pytest.raises(RolloutError, match="max_logprobs"):

@@ -6,7 +6,7 @@ import pytest
 
 from dailweb.errors import DomainError
 from dailweb.jobs.models import Job
-from expansion.engine import backend_vllm
+from expansion.engine.vllm_backend import availability
 from expansion.models import ExpansionRun, RunProblem
 from expansion.services.runs import RunSettings, expansion_run_launch
 from tests.factories import make_dataset, make_problem, make_user
@@ -60,7 +60,7 @@ def test_problems_without_a_solution_are_refused(queue):
 
 
 def test_vllm_is_refused_where_it_cannot_run(queue, monkeypatch, settings):
-    monkeypatch.setattr(backend_vllm, "vllm_unavailable_reason", lambda: "vLLM is not installed")
+    monkeypatch.setattr(availability, "vllm_unavailable_reason", lambda: "vLLM is not installed")
     problem = make_problem()
     with pytest.raises(DomainError, match="vLLM backend cannot run here: vLLM is not installed"):
         launch([problem], backend="vllm")

@@ -20,8 +20,8 @@ import pytest
 from curation.models import Problem
 from curation.services.champ import champ_load
 from dailweb.jobs.models import Job, JobState
-from expansion.engine.backend_vllm import vllm_unavailable_reason
 from expansion.engine.trace_format import decode_trace
+from expansion.engine.vllm_backend.availability import vllm_unavailable_reason
 from expansion.models import ReviewState, Trace
 from expansion.services.runs import RunSettings, expansion_run_launch
 from tests.conftest import wait_for

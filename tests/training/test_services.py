@@ -174,10 +174,10 @@ def test_problems_from_the_adapters_training_data_are_refused_or_flagged(
 
 
 def test_vllm_is_refused_with_the_reason_where_it_cannot_run(queue, tiny_model_path, monkeypatch):
-    from expansion.engine import backend_vllm
+    from expansion.engine.vllm_backend import availability
 
     monkeypatch.setattr(
-        backend_vllm, "vllm_unavailable_reason", lambda: "vLLM is not installed here"
+        availability, "vllm_unavailable_reason", lambda: "vLLM is not installed here"
     )
     dataset, _ = problems(1)
     with pytest.raises(

@@ -53,10 +53,10 @@ def test_launch_form_offers_vllm_where_it_is_installed():
 
 
 def test_launch_form_shows_why_vllm_cannot_be_chosen(monkeypatch):
-    from expansion.engine import backend_vllm
+    from expansion.engine.vllm_backend import availability
 
     monkeypatch.setattr(
-        backend_vllm, "vllm_unavailable_reason", lambda: "vLLM is not installed here"
+        availability, "vllm_unavailable_reason", lambda: "vLLM is not installed here"
     )
     for url in (reverse("evaluations:launch"), reverse("expansion:run_launch")):
         response = client_for("admin").get(url)

@@ -20,7 +20,7 @@ verdicts into pass@k and pass@k-against-token-budget metrics.
   samples; a resumed evaluation groups its missing units into calls of its own, so their
   samples are drawn with those calls' seeds (the same distribution, not the same draws as an
   uninterrupted run). `vllm` (`generate_completions_vllm`) samples on the engine of
-  `expansion.engine.backend_vllm.VllmBackend` (its adapter, if any, via `LoRARequest`): one
+  `expansion.engine.vllm_backend.backends.VllmBackend` (its adapter, if any, via `LoRARequest`): one
   request per sample, seeded by (unit seed `batch_seed(seed, problem key, batch index)`,
   sample index), so a vLLM sample does not depend on which others share its call, and a
   resumed evaluation gets what an uninterrupted one would have. The two backends draw
@@ -78,10 +78,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from expansion.engine.backend_vllm import vllm_unavailable_reason
 from expansion.engine.model_views import left_pad
 from expansion.engine.prompts import LEARNER_TEMPLATE, PromptTemplates, chat_prompt_text
 from expansion.engine.rollout import SEED_MAX, is_plain_int
+from expansion.engine.vllm_backend.availability import vllm_unavailable_reason
 from training.engine.metrics import PassAtKReport, pass_at_k_report
 
 EVALUATION_TEMPLATE = LEARNER_TEMPLATE + "Put your final answer within \\boxed{}.\n"
@@ -635,7 +635,7 @@ def generate_completions_vllm(
     *,
     settings: SamplingSettings,
 ) -> list[list[Completion]]:
-    """One call on vLLM: `sampler` is a `backend_vllm.VllmBackend`, whose adapter (if set)
+    """One call on vLLM: `sampler` is a `vllm_backend.backends.VllmBackend`, whose adapter (if set)
     samples as the learner. Every unit's samples are one `generate` call, each request seeded
     by `sample_seed(unit.seed, index)` (and the force-answer passes of the release protocol
     one more call, seeded by `force_answer_seed(unit.seed, index)`), so a sample does not
@@ -722,7 +722,7 @@ def generate_completions(
     on_step: Callable[[int], None] | None = None,
 ) -> list[list[Completion]]:
     """The sampling switch: one backend call drawing every unit's samples (`model` is the
-    transformers model, or for "vllm" a `backend_vllm.VllmBackend`); a list of completions
+    transformers model, or for "vllm" a `vllm_backend.backends.VllmBackend`); a list of completions
     per unit, in the units' order. `on_step` (transformers) hears each decoding step and may
     raise to stop the call."""
     if backend not in BACKENDS:

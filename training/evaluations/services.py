@@ -34,7 +34,7 @@ from dailweb.errors import ConflictError, DomainError
 from dailweb.jobs.models import ACTIVE_STATES, JobState
 from dailweb.jobs.services import job_cancel, job_launch, job_retry
 from expansion.engine.answers import judge_completion
-from expansion.services.models import vllm_launch_refusal, vllm_rollout_backend
+from expansion.services.models import model_session_open, vllm_launch_refusal
 from training.engine import evaluation as engine
 from training.models import (
     Evaluation,
@@ -417,29 +417,20 @@ def evaluation_execute(
     )
     progress(done, total, f"loading {evaluation.model_label}")
     _check_model(evaluation.base_model_path, evaluation.adapter_path)
-    model, tokenizer = _load_sampler(evaluation)
-    try:
+    vllm = evaluation.backend == EvaluationBackend.VLLM
+    with model_session_open(
+        model_path=evaluation.base_model_path,
+        adapter_path=evaluation.adapter_path or None,
+        engine="vllm" if vllm else "fast",
+    ) as session:
+        # The sampler: a vLLM engine whose learner view is the adapter (the transformers model
+        # is never loaded), or the transformers model with its adapter.
+        tokenizer = session.tokenizer
+        sampler = session.backend if vllm else session.model
         log(f"loaded {evaluation.model_label}; {len(todo)} of {len(members)} problems to sample")
-        return _sample_members(evaluation, members, todo, model, tokenizer, sampling, progress, log)
-    finally:
-        if evaluation.backend == EvaluationBackend.VLLM:
-            model.close()
-
-
-def _load_sampler(evaluation: Evaluation) -> tuple[Any, Any]:
-    """(model, tokenizer) for the evaluation's backend: the transformers model (with its
-    adapter), or a vLLM engine whose learner view is the adapter."""
-    from expansion.engine.models import ModelLoadError, load_model
-
-    if evaluation.backend == EvaluationBackend.VLLM:
-        from transformers import AutoTokenizer
-
-        sampler = vllm_rollout_backend(evaluation.base_model_path, evaluation.adapter_path or None)
-        return sampler, AutoTokenizer.from_pretrained(evaluation.base_model_path)
-    try:
-        return load_model(evaluation.base_model_path, adapter=evaluation.adapter_path or None)
-    except ModelLoadError as exc:
-        raise DomainError(f"Cannot load {evaluation.model_label}: {exc}") from exc
+        return _sample_members(
+            evaluation, members, todo, sampler, tokenizer, sampling, progress, log
+        )
 
 
 def _sample_members(

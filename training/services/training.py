@@ -222,8 +222,8 @@ def context_length(model_dir: str | Path) -> int | None:
 
 
 def load_tokenizer(model_dir: str | Path) -> Any:
-    """The base model's tokenizer from the process's one cache (reloaded when its files
-    change: `expansion.engine.tokenizer_cache`)."""
+    """The base model's tokenizer from the process's one cache (reloaded when the model's
+    files change: `expansion.engine.tokenizer_cache.model_stamp`)."""
     path = Path(model_dir)
     try:
         tokenizer = cached_tokenizer(path)

@@ -1,12 +1,14 @@
 """A vLLM logits processor that makes `generate` draft the rule's best guess, or given tokens.
 
-The vLLM backend (`backend_vllm`) drafts a block of tokens with one `generate` call of one
-view and checks them with the other view. For drafts to be accepted as often as in the
+The vLLM backend's waves (`waves`) draft a block of tokens with one `generate` call of one
+view and check them with the other view. For drafts to be accepted as often as in the
 transformers fast engine, the drafting view must pick, at each position, the same guess:
 the proposer's first keyed candidate (`sampling.proposer_guess`) or the verifier's acceptable
 top token, else its own keyed fallback sample (`sampling.verifier_guess`). vLLM's sampler
 cannot draw our keyed random numbers, so this processor computes the guess from the raw
 logits of each marked request and masks every other token; greedy decoding then emits it.
+With one view consulted (tau = 0 or 1) the guess is the rule's decision itself, so a
+single-view rollout is one `generate` per sequence with this processor.
 
 A request opts in through `SamplingParams.extra_args[DRAFT_ARGS_KEY]` (see `draft_args`);
 other requests in the batch are untouched. `force_args` instead makes a request generate
@@ -14,11 +16,14 @@ given tokens (teacher forcing), to read a view's log-probs along them without pr
 log-probs. The returned log-probs are unaffected: the
 engine's `logprobs_mode="raw_logprobs"` takes them before any logits processor.
 
-Correctness never depends on this module: a draft is only a guess that the backend checks
-against both views' distributions, so a missing or wrong guess costs speed, not exactness.
+Correctness of a two-view rollout never depends on this module: a draft is only a guess that
+the backend checks against both views' distributions, so a missing or wrong guess costs speed,
+not exactness. A single-view rollout takes the guess as the decision (it is the same keyed
+draw from the same distribution).
 
-This module runs inside vLLM's worker process and imports vLLM at the top; nothing else in
-the engine package imports it (the backend names it by its qualified class name).
+This module runs inside vLLM's worker process and imports vLLM at the top: the engine names it
+by its qualified class name (`engine.DRAFT_PROCESSOR`), and `waves` imports its argument
+builders only inside the functions that send requests.
 """
 
 from __future__ import annotations
