@@ -172,6 +172,17 @@ def test_invalid_setting_and_missing_model_fail_cleanly(
     assert "No model at" in capsys.readouterr().err
 
 
+def test_a_directory_that_is_not_a_model_fails_cleanly(tmp_path: Path, capsys):
+    """No traceback: the model session's loading error is the CLI's message, exit 2."""
+    source = write_jsonl(tmp_path / "in.jsonl", PROBLEMS)
+    (tmp_path / "empty").mkdir()
+    output = tmp_path / "o.jsonl"
+    code = main(["expand", str(source), str(output), "--model", str(tmp_path / "empty")])
+    assert code == 2
+    assert "is not a model directory: no config.json" in capsys.readouterr().err
+    assert not output.exists()
+
+
 def test_e1_field_names_are_read(tmp_path: Path):
     source = write_jsonl(
         tmp_path / "e1.jsonl", [{"problem_id": 17, "problem": "P", "solution": "S \\boxed{2}"}]
