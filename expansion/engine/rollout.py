@@ -406,6 +406,17 @@ def non_finite_message(views: Sequence[str], position: int) -> str:
     return f"non-finite logits (NaN or inf) from the {names} {plural} at position {position}"
 
 
+def single_view(config: RolloutConfig) -> str | None:
+    """The one view a run consults, or None when the rule needs both: tau = 0 accepts every
+    first candidate (the proposer alone decides), tau = 1 always falls back (the verifier
+    alone). Such runs cost what plain sampling from that view costs."""
+    if config.tau <= 0.0:
+        return config.proposer
+    if config.tau >= 1.0:
+        return config.verifier
+    return None
+
+
 # --- The commit rules: how a decided token ends (or extends) a sequence, for every engine ---
 
 Ending = tuple[FinishReason, str | None]  # (finish_reason, error message or None)

@@ -65,6 +65,7 @@ from expansion.engine.rollout import (
     adapted_block_size,
     finished_result,
     length_ending,
+    single_view,
     token_ending,
     token_reporter,
     validate_requests,
@@ -143,17 +144,6 @@ def _length_groups(lengths: list[int], budget: int) -> list[list[int]]:
         else:
             groups.append([index])
     return groups
-
-
-def single_view(config: RolloutConfig) -> str | None:
-    """The one view a run consults, or None when the rule needs both: tau = 0 accepts every
-    first candidate (the proposer alone decides), tau = 1 always falls back (the verifier
-    alone). Such runs cost what plain sampling from that view costs."""
-    if config.tau <= 0.0:
-        return config.proposer
-    if config.tau >= 1.0:
-        return config.verifier
-    return None
 
 
 def _stack(parts: list[TokenDistributions]) -> TokenDistributions:

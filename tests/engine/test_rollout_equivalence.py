@@ -16,8 +16,9 @@ from expansion.engine.rollout import (
     RolloutError,
     RolloutRequest,
     RolloutResult,
+    single_view,
 )
-from expansion.engine.rollout_fast import TransformersBackend, fast_rollout, single_view
+from expansion.engine.rollout_fast import TransformersBackend, fast_rollout
 from expansion.engine.rollout_reference import ReferenceBackend, reference_rollout, resolve_config
 from tests.engine.conftest import TINY_VOCAB
 

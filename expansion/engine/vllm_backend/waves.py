@@ -29,7 +29,7 @@ Three ways to run it:
   one KV cache block long (32 tokens on CPU): a cycle re-reads up to a block of context per
   view.
 - `run` with one view consulted (tau = 0: the proposer alone decides; tau = 1: the verifier
-  alone, `rollout_fast.single_view`): one `generate` per sequence from that view with the
+  alone, `rollout.single_view`): one `generate` per sequence from that view with the
   remaining token budget, stopping at EOS. The drafting processor's guess is then the
   decision itself, so nothing is checked and the other view is never asked: its log-probs
   are NaN (scoring computes every view's afterwards), as in the transformers fast engine.
@@ -70,9 +70,9 @@ from expansion.engine.rollout import (
     adapted_block_size,
     finished_result,
     length_ending,
+    single_view,
     token_ending,
 )
-from expansion.engine.rollout_fast import single_view
 from expansion.engine.vllm_backend.decisions import (
     PositionDecisions,
     decide_positions,
