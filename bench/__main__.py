@@ -31,4 +31,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    from expansion.engine.vllm_backend.availability import exit_after_engine
+
+    exit_after_engine(main(sys.argv[1:]))

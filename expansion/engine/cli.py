@@ -438,4 +438,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from expansion.engine.vllm_backend.availability import exit_after_engine
+
+    exit_after_engine(main())

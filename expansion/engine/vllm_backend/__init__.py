@@ -1,6 +1,7 @@
 """The mixed-policy rollout on vLLM, one module per concept (this package re-exports nothing):
 
-- `availability`: whether vLLM can run here (`vllm_unavailable_reason`), without importing it;
+- `availability`: whether vLLM can run here (`vllm_unavailable_reason`), without importing it,
+  and how a command-line process that ran an engine ends (`exit_after_engine`);
 - `outputs`: vLLM's log-prob outputs as numpy arrays (`TopLogprobs`, `top_logprobs_from_flat`);
 - `decisions`: the rule's distributions and decisions from top-N log-probs
   (`view_distributions`, `chosen_logprobs_from_top`, `PositionDecisions`, `decide_positions`,

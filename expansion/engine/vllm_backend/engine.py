@@ -10,8 +10,9 @@ and integer id, so `LoraRegistry` gives every adapter directory *and version* (t
 time) a fresh name and id, and checks its rank against the engine's `max_lora_rank`.
 
 Engine creation spawns processes: call `create_engine` under `if __name__ == "__main__":`
-unless `in_process`. This module knows nothing about requests, decisions or waves; it imports
-vLLM only inside the functions that need it.
+unless `in_process`, and end such a script with `availability.exit_after_engine`. This module
+knows nothing about requests, decisions or waves; it imports vLLM only inside the functions
+that need it.
 """
 
 from __future__ import annotations
