@@ -76,6 +76,8 @@ def time_expansion_job(run: Any) -> tuple[float, int]:
     loaded_at: list[float] = []
 
     def progress(done: int, total: int, message: str) -> None:
+        # The job's first message after "loading ..." comes once the model is loaded and
+        # before the rollout's prefill (the engine's time below includes its prefill too).
         if not loaded_at and not message.startswith("loading"):
             loaded_at.append(time.perf_counter())
 

@@ -154,8 +154,10 @@ def expand_items(
     problems. As soon as every sample of an item has finished, the item is scored (together
     with the items that finished in the same engine step), its traces are marked kept by
     `kept_rule` (reasoning traces are not graded) and handed to `on_item(item_index, traces)`:
-    a caller can store a problem while others are still decoding. Progress: stage "rollout" (tokens) and "scoring" (sequences), each
-    counted over the whole call."""
+    a caller can store a problem while others are still decoding. The backend is asked to
+    record the scores of the views it consults (`score_top_n`), so scoring reads only the
+    others. Progress: stage "rollout" (tokens) and "scoring" (sequences), each counted over
+    the whole call."""
     if samples < 1:
         raise ValueError("samples must be at least 1")
     if kept_rule != LEGACY_KEPT_RULE and kept_rule not in KEPT_RULES:  # before any rollout
@@ -190,6 +192,7 @@ def expand_items(
                     prompts[i].privileged_ids,
                     prompts[i].negative_ids,
                     finished[i][s].token_ids.tolist(),
+                    known_scores=finished[i][s].view_scores,
                 )
                 for i, s in batch
             ],
@@ -228,6 +231,7 @@ def expand_items(
         config,
         progress=lambda done, total: report("rollout", done, total),
         on_finished=on_finished,
+        score_top_n=top_n,
     )
     return [trace for index in range(len(items)) for trace in expanded[index]]
 

@@ -302,13 +302,28 @@ class RolloutRequest:
         return self.learner_prompt_ids if view == "learner" else self.privileged_prompt_ids
 
 
+@dataclass(frozen=True)
+class ViewScores:
+    """One view's scores of a trace's tokens, as `scoring` computes them after the rollout:
+    log-softmax of the raw logits (temperature 1, no token removed) at the chosen token, and
+    the view's most likely alternatives. An engine that consulted the view at every token
+    records them on the way (`RolloutBackend.rollout(score_top_n=N)`), which spares scoring
+    a prefill of that view."""
+
+    logprobs: np.ndarray  # (T,) float32
+    top_ids: np.ndarray  # (T, N) int64, most likely first
+    top_logprobs: np.ndarray  # (T, N) float32
+
+
 @dataclass
 class RolloutResult:
     """One finished trace. Arrays have one entry per generated token (EOS excluded).
 
     `sources` says which view sampled each token (SOURCE_LEARNER / SOURCE_PRIVILEGED); a token
     from the verifier is a fallback. Log-probs are full-softmax log-probs at the rollout
-    temperature, taken when the token was chosen.
+    temperature, taken when the token was chosen (forbidden tokens removed). `view_scores`
+    holds the `ViewScores` of the views the engine consulted at every token when asked for
+    them (empty otherwise: scoring computes every view).
     """
 
     sequence_key: int
@@ -320,6 +335,7 @@ class RolloutResult:
     privileged_logprobs: np.ndarray  # (T,) float32
     finish_reason: FinishReason
     error: str | None = None
+    view_scores: dict[str, ViewScores] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.token_ids.shape[0])
@@ -371,7 +387,12 @@ class RolloutBackend(Protocol):
         config: RolloutConfig,
         progress: ProgressCallback | None = None,
         on_finished: FinishedCallback | None = None,
-    ) -> list[RolloutResult]: ...
+        score_top_n: int | None = None,
+    ) -> list[RolloutResult]:
+        """Expand every request. With `score_top_n`, a backend that can records the
+        `ViewScores` (with that many alternatives) of the views it consulted at every token;
+        one that cannot leaves `view_scores` empty."""
+        ...
 
 
 def finished_result(
@@ -384,6 +405,7 @@ def finished_result(
     privileged_logprobs: list[float],
     finish_reason: FinishReason,
     error: str | None = None,
+    view_scores: dict[str, ViewScores] | None = None,
 ) -> RolloutResult:
     """Pack per-token lists into a result's arrays."""
     return RolloutResult(
@@ -396,6 +418,7 @@ def finished_result(
         privileged_logprobs=np.asarray(privileged_logprobs, dtype=np.float32),
         finish_reason=finish_reason,
         error=error,
+        view_scores=view_scores or {},
     )
 
 

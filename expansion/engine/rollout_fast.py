@@ -23,7 +23,13 @@ than in the reference (`tests/engine/test_commit_rules.py`).
 
 Single view: with tau = 0 the rule accepts every first candidate and with tau = 1 it always
 falls back, so only one view is consulted (one forward pass per token, as plain sampling costs;
-the other view's log-probs are left NaN, and scoring computes every view's afterwards).
+the other view's log-probs are left NaN).
+
+Scores on the way (`score_top_n`): every view the engine consults has its logits at every
+committed token anyway, so it can record what scoring would compute from them
+(`rollout.ViewScores`: temperature-1 log-prob of the chosen token and top-N alternatives, via
+`scoring.normalised_top`, taken before forbidden tokens are removed); scoring then skips that
+view's prefill (the privileged one, with the longest prompt, at tau = 1).
 
 Continuous batching: up to `max_batch_size` sequences are in flight; when a quarter of the
 slots are free, pending requests are prefilled and their cache rows appended (left-padded with
@@ -62,6 +68,7 @@ from expansion.engine.rollout import (
     RolloutRequest,
     RolloutResult,
     RolloutStats,
+    ViewScores,
     adapted_block_size,
     finished_result,
     length_ending,
@@ -80,6 +87,7 @@ from expansion.engine.sampling import (
     proposer_guess,
     verifier_guess,
 )
+from expansion.engine.scoring import normalised_top
 
 # Compact a cache when removable holes exceed this share of its slots (and this many slots).
 COMPACT_SHARE = 0.25
@@ -100,11 +108,14 @@ def fast_rollout(
     progress: ProgressCallback | None = None,
     stats: RolloutStats | None = None,
     on_finished: FinishedCallback | None = None,
+    score_top_n: int | None = None,
 ) -> list[RolloutResult]:
     """Expand every request, keeping up to `config.max_batch_size` sequences in flight: a
     finished sequence's slot goes to the next pending request (continuous batching).
     `on_finished` gets the requests that finished in each cycle; results come back in request
-    order."""
+    order. With `score_top_n`, each result carries the `ViewScores` of the views consulted."""
+    if score_top_n is not None and score_top_n < 0:
+        raise ValueError(f"score_top_n must be >= 0, got {score_top_n}")
     config = resolve_config(model, config)
     validate_requests(requests, model_views.vocab_size(model))
     stats = stats if stats is not None else RolloutStats()
@@ -115,7 +126,7 @@ def fast_rollout(
     pending = list(range(len(requests)))[::-1]  # popped from the end: request order
     admit_at = max(1, int(ADMIT_SHARE * config.max_batch_size))
     with model_views.grouped_attention(model):
-        wave = _Wave(model, config, stats)
+        wave = _Wave(model, config, stats, score_top_n)
         while pending or wave.rows:
             free = config.max_batch_size - len(wave.rows)
             if pending and (free >= admit_at or not wave.rows):
@@ -159,7 +170,13 @@ class _Wave:
     """The sequences decoded together; `admit` adds requests, `cycle` decides tokens and
     returns the requests that finished (their rows leave the batch)."""
 
-    def __init__(self, model: Any, config: RolloutConfig, stats: RolloutStats) -> None:
+    def __init__(
+        self,
+        model: Any,
+        config: RolloutConfig,
+        stats: RolloutStats,
+        score_top_n: int | None = None,
+    ) -> None:
         self.model = model
         self.config = config
         self.stats = stats
@@ -175,6 +192,8 @@ class _Wave:
         self.drafter = self.proposer if draft_view == "proposer" else self.verifier
         self.checker = self.verifier if self.drafter == self.proposer else self.proposer
         self.views = (self.single,) if self.single else (self.drafter, self.checker)
+        self.score_top_n = score_top_n or 0
+        self.scored_views = self.views if score_top_n is not None else ()
         self.block = 1 if self.single else config.block_size
         self.eos = set(config.eos_token_ids)
         self.proposer_source = SOURCE_LEARNER if self.proposer == "learner" else SOURCE_PRIVILEGED
@@ -199,6 +218,9 @@ class _Wave:
             self.outputs[index] = {
                 "token_ids": [], "sources": [], "draws": [], "learner": [], "privileged": []
             }  # fmt: skip
+            for view in self.scored_views:
+                for name in ("raw", "top_ids", "top_lps"):
+                    self.outputs[index][f"{name}_{view}"] = []
         for view in self.views:
             cache, valid, next_position, inputs = self._prefill(view, requests)
             if not self.rows:
@@ -294,6 +316,7 @@ class _Wave:
         )[:, -1]  # (B, V)
         self.stats.forward_passes += 1
         self.stats.cycles += 1
+        scores = self._raw_scores({view: logits})  # before forbidden tokens are removed
         dist = self._distributions(logits)
         proposes = view == self.proposer
         if proposes:
@@ -313,6 +336,8 @@ class _Wave:
             view: logprob[:, None].float().cpu().numpy(),
             other: np.full((batch, 1), np.nan, dtype=np.float32),  # never consulted
         }
+        picked = {view: logits.gather(1, token[:, None])[:, 0]}  # never a forbidden token
+        host.update(self._host_scores(scores, picked, batch, 1))
         self._commit(host, 1, config.max_new_tokens - self.done, report)
 
     def _cycle(self, report: Callable[[int], None]) -> None:
@@ -330,6 +355,7 @@ class _Wave:
         drafter, checker = self.drafter, self.checker
         drafts = torch.empty((batch, block), dtype=torch.long, device=device)  # (B, K)
         drafter_logits, drafter_dists = [], []
+        drafter_scores: list[dict[str, tuple[torch.Tensor, ...]]] = []
         token = self.inputs[drafter]  # (B,)
         ones = torch.ones((batch, 1), dtype=torch.bool, device=device)
         for j in range(block):
@@ -343,6 +369,7 @@ class _Wave:
                 self.cache[drafter],
                 1,
             )[:, -1]  # (B, V)
+            drafter_scores.append(self._raw_scores({drafter: logits}))
             dist = self._distributions(logits)
             if drafter == self.proposer:
                 token = proposer_guess(dist, uniforms[:, j])
@@ -371,6 +398,12 @@ class _Wave:
         self.stats.cycles += 1
 
         # 3. The rule at every (row, position).
+        scores = self._raw_scores({checker: checker_logits.flatten(0, 1)})  # before masking
+        if drafter in self.scored_views:
+            scores[drafter] = tuple(
+                torch.stack([part[drafter][n] for part in drafter_scores], dim=1).flatten(0, 1)
+                for n in range(3)
+            )  # (B*K, ...) in (b, j) order
         dists = {
             drafter: _stack(drafter_dists),  # (B*K, ...)
             checker: self._distributions(checker_logits.flatten(0, 1)),  # (B*K, ...)
@@ -406,7 +439,40 @@ class _Wave:
             "learner": logprobs["learner"].view(batch, block).float().cpu().numpy(),
             "privileged": logprobs["privileged"].view(batch, block).float().cpu().numpy(),
         }
+        picked = {  # the chosen tokens' logits (never forbidden ones)
+            checker: checker_logits.flatten(0, 1).gather(1, chosen[:, None])[:, 0],
+            drafter: drafter_picked.flatten(),
+        }
+        host.update(self._host_scores(scores, picked, batch, block))
         self._commit(host, block, remaining, report)
+
+    def _raw_scores(
+        self, logits: dict[str, torch.Tensor]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """`scoring.normalised_top` of the recorded views' logits (N, V), taken before
+        `_distributions` writes -inf over forbidden tokens."""
+        return {
+            view: normalised_top(view_logits, self.score_top_n)
+            for view, view_logits in logits.items()
+            if view in self.scored_views
+        }
+
+    def _host_scores(
+        self,
+        scores: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        picked: dict[str, torch.Tensor],
+        batch: int,
+        block: int,
+    ) -> dict[str, np.ndarray]:
+        """The recorded views' scores given the chosen tokens' raw logits (B*K,), as host
+        arrays (B, K, ...)."""
+        host: dict[str, np.ndarray] = {}
+        for view, (normalizer, top_ids, top_lps) in scores.items():
+            logprobs = picked[view].float() - normalizer
+            host[f"raw_{view}"] = logprobs.view(batch, block).cpu().numpy()
+            host[f"top_ids_{view}"] = top_ids.view(batch, block, self.score_top_n).cpu().numpy()
+            host[f"top_lps_{view}"] = top_lps.view(batch, block, self.score_top_n).cpu().numpy()
+        return host
 
     def _commit(
         self,
@@ -443,6 +509,9 @@ class _Wave:
                 out["draws"].append(int(host["draws"][b, j]))
                 out["learner"].append(float(host["learner"][b, j]))
                 out["privileged"].append(float(host["privileged"][b, j]))
+                for view in self.scored_views:
+                    for name in ("raw", "top_ids", "top_lps"):
+                        out[f"{name}_{view}"].append(host[f"{name}_{view}"][b, j])
                 self.stats.tokens += 1
                 self.stats.fallbacks += 0 if accepted else 1
                 if token != int(host["draft"][b, j]):
@@ -469,6 +538,15 @@ class _Wave:
 
     def _finish(self, index: int, ending: Ending) -> None:
         out = self.outputs.pop(index)
+        n = self.score_top_n
+        view_scores = {
+            view: ViewScores(
+                logprobs=np.asarray(out[f"raw_{view}"], dtype=np.float32),
+                top_ids=np.asarray(out[f"top_ids_{view}"], dtype=np.int64).reshape(-1, n),
+                top_logprobs=np.asarray(out[f"top_lps_{view}"], dtype=np.float32).reshape(-1, n),
+            )
+            for view in self.scored_views
+        }
         result = finished_result(
             self.requests.pop(index),
             self.config,
@@ -479,6 +557,7 @@ class _Wave:
             out["privileged"],
             finish_reason=ending[0],
             error=ending[1],
+            view_scores=view_scores,
         )
         self.just_finished.append((index, result))
 
@@ -539,6 +618,7 @@ class TransformersBackend:
         config: RolloutConfig,
         progress: ProgressCallback | None = None,
         on_finished: FinishedCallback | None = None,
+        score_top_n: int | None = None,
     ) -> list[RolloutResult]:
         self.last_stats = RolloutStats()
         return fast_rollout(
@@ -548,4 +628,5 @@ class TransformersBackend:
             progress=progress,
             stats=self.last_stats,
             on_finished=on_finished,
+            score_top_n=score_top_n,
         )

@@ -218,6 +218,7 @@ class ReferenceBackend:
         config: RolloutConfig,
         progress: ProgressCallback | None = None,
         on_finished: FinishedCallback | None = None,
+        score_top_n: int | None = None,  # records no scores: scoring computes every view
     ) -> list[RolloutResult]:
         self.last_stats = RolloutStats()
         return reference_rollout(

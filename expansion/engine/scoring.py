@@ -7,7 +7,9 @@ for the reviewer. Traces are batched per view (prompts left-padded, traces right
 trace positions line up; only trace positions go through the output layer), in micro-batches
 bounded by tokens and by logits size. Traces that share a prompt (the samples of a problem)
 share its prefill: the distinct prompts are read once into a KV cache whose rows are repeated,
-then the traces are read on top of it.
+then the traces are read on top of it. A view whose scores the rollout engine already recorded
+(`ScoringRequest.known_scores`, `rollout.ViewScores`, from the same `normalised_top`) is not
+read again.
 
 `shortcut_scores` gives delta_i = log p_NR(r_i) - log p_PS(r_i) and `summarise_shortcuts` the
 per-trace max, mean of the positive part and share of tokens above a threshold.
@@ -18,14 +20,15 @@ This module knows nothing about tokenizers, prompts or the rollout rule; views a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from expansion.engine import model_views
+from expansion.engine.rollout import ViewScores
 
 SCORED_VIEWS = ("learner", "privileged", "negative")
 DEFAULT_SHORTCUT_THRESHOLD = 1.0  # nats: NR finds the token e times likelier than PS
@@ -33,12 +36,21 @@ DEFAULT_SHORTCUT_THRESHOLD = 1.0  # nats: NR finds the token e times likelier th
 
 @dataclass(frozen=True)
 class ScoringRequest:
-    """A finished trace and the three prompts it is scored under."""
+    """A finished trace and the three prompts it is scored under; `known_scores` holds the
+    views already scored (by the rollout engine), which are taken as they are."""
 
     learner_prompt_ids: Sequence[int]
     privileged_prompt_ids: Sequence[int]
     negative_prompt_ids: Sequence[int]
     response_ids: Sequence[int]
+    known_scores: Mapping[str, ViewScores] = field(default_factory=dict)
+
+    def known(self, view: str, top_n: int) -> ViewScores | None:
+        """The view's recorded scores when they cover every token and `top_n` alternatives."""
+        scores = self.known_scores.get(view)
+        if scores is None or len(scores.logprobs) != len(self.response_ids):
+            return None
+        return scores if scores.top_ids.shape[1] >= top_n else None
 
     def prompt_ids(self, view: str) -> Sequence[int]:
         return {
@@ -105,7 +117,8 @@ def score_traces(
     max_logit_elements: int = 1 << 27,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[TokenScores]:
-    """Score every trace under the three views (batched prefills)."""
+    """Score every trace under the three views (batched prefills; a view a request already
+    knows is taken from it)."""
     if top_n < 0:
         raise ValueError(f"top_n must be >= 0, got {top_n}")
     per_view: dict[str, list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]] = {}
@@ -114,8 +127,21 @@ def score_traces(
         for view in SCORED_VIEWS:
             want_top = top_n if view != "learner" else 0
             results: list[Any] = [None] * len(requests)
+            unknown = []
+            for index, request in enumerate(requests):
+                known = request.known(view, want_top)
+                if known is None:
+                    unknown.append(index)
+                elif want_top:
+                    top = known.top_ids[:, :want_top], known.top_logprobs[:, :want_top]
+                    results[index] = (known.logprobs, *top)
+                else:
+                    results[index] = (known.logprobs, None, None)
+            done += len(requests) - len(unknown)
+            if progress is not None and len(unknown) < len(requests):
+                progress(done, steps)
             for batch in _micro_batches(
-                model, requests, view, max_batch_tokens, max_logit_elements
+                model, requests, unknown, view, max_batch_tokens, max_logit_elements
             ):
                 scored = _score_batch(model, requests, batch, view, want_top)
                 for index, item in zip(batch, scored, strict=True):
@@ -135,18 +161,35 @@ def score_traces(
     return out
 
 
+def normalised_top(
+    logits: torch.Tensor, top_n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The softmax every scored view uses (raw logits (N, V), temperature 1, no token
+    removed): its log-normaliser (N,) and top-`top_n` ids (N, n) and log-probs (N, n), float32.
+    A token's log-prob is its logit minus the normaliser. Scoring and the fast engine (which
+    records the views it consults, `rollout.ViewScores`) both use it, so their numbers agree."""
+    raw = logits.float()
+    normalizer = torch.logsumexp(raw, dim=-1)  # (N,)
+    if not top_n:
+        empty = raw.new_zeros((raw.shape[0], 0))
+        return normalizer, empty.long(), empty
+    values, ids = raw.topk(top_n, dim=-1)  # (N, n)
+    return normalizer, ids, values - normalizer[:, None]
+
+
 def _micro_batches(
     model: Any,
     requests: Sequence[ScoringRequest],
+    indices: Sequence[int],
     view: str,
     max_batch_tokens: int,
     max_logit_elements: int,
 ) -> list[list[int]]:
-    """Request indices grouped by prompt, then by similar length, within the token budget (a
-    shared prompt counted once) and the logits budget."""
+    """The given request indices grouped by prompt, then by similar length, within the token
+    budget (a shared prompt counted once) and the logits budget."""
     vocab = model_views.vocab_size(model)
     order = sorted(
-        range(len(requests)),
+        indices,
         key=lambda i: (
             len(requests[i].prompt_ids(view)),
             tuple(requests[i].prompt_ids(view)),
@@ -235,16 +278,16 @@ def _score_batch(
     logprobs = torch.empty(targets.shape, dtype=torch.float32, device=device)  # (B, T)
     top_ids = torch.zeros((rows, response_len, top_n), dtype=torch.long, device=device)
     top_lps = torch.zeros((rows, response_len, top_n), dtype=torch.float32, device=device)
-    chunk = 256  # positions per log-softmax, to bound float32 copies of the logits
+    chunk = 256  # positions at a time, to bound float32 copies of the logits
     for start in range(0, response_len, chunk):
-        part = torch.log_softmax(logits[:, start : start + chunk].float(), dim=-1)  # (B, c, V)
-        logprobs[:, start : start + chunk] = part.gather(
-            -1, targets[:, start : start + chunk, None]
-        )[..., 0]
+        part = logits[:, start : start + chunk]  # (B, c, V)
+        width = part.shape[1]
+        normalizer, ids, lps = normalised_top(part.flatten(0, 1), top_n)  # (B*c,), (B*c, N)
+        picked = part.gather(-1, targets[:, start : start + chunk, None])[..., 0].float()
+        logprobs[:, start : start + chunk] = picked - normalizer.view(rows, width)
         if top_n:
-            values, indices = part.topk(top_n, dim=-1)  # (B, c, N)
-            top_lps[:, start : start + chunk] = values
-            top_ids[:, start : start + chunk] = indices
+            top_lps[:, start : start + chunk] = lps.view(rows, width, top_n)
+            top_ids[:, start : start + chunk] = ids.view(rows, width, top_n)
     logprobs_np, top_ids_np, top_lps_np = (
         logprobs.cpu().numpy(),
         top_ids.cpu().numpy(),

@@ -348,6 +348,9 @@ def expansion_chunk_execute(
         if vllm:
             log(f"starting vLLM on {model_path.name}")
         backend = session.backend
+        # Model (and engine) loaded: the rollout starts with the prompts' prefill, which
+        # reports nothing until its first tokens are decided.
+        progress(done, total, f"rollout: {len(todo)} problems, 0 stored")
         items = [run_problem_item(member) for member in todo]
         # Progress in token units: each problem's budget is samples x max_new_tokens (rollout
         # 90 %, scoring 10 %), over the problems still to do; problems stopping early at EOS

@@ -46,6 +46,11 @@ def same(a, b) -> None:
     assert a.finish_reason == b.finish_reason and a.kept == b.kept
     for name in ("learner_logprobs", "privileged_logprobs", "negative_logprobs"):
         np.testing.assert_allclose(getattr(a.arrays, name), getattr(b.arrays, name), atol=1e-5)
+    for view in ("privileged", "negative"):
+        ids_a, ids_b = getattr(a.arrays, f"{view}_top_ids"), getattr(b.arrays, f"{view}_top_ids")
+        np.testing.assert_array_equal(ids_a, ids_b)
+        lps_a = getattr(a.arrays, f"{view}_top_logprobs")
+        np.testing.assert_allclose(lps_a, getattr(b.arrays, f"{view}_top_logprobs"), atol=1e-5)
 
 
 @pytest.mark.parametrize("tau", [0.6, 1.0])

@@ -116,6 +116,7 @@ class VllmBackend:
         config: RolloutConfig,
         progress: ProgressCallback | None = None,
         on_finished: FinishedCallback | None = None,
+        score_top_n: int | None = None,  # records no scores: scoring computes every view
     ) -> list[RolloutResult]:
         """Expand every request (waves of `config.max_batch_size`; `on_finished` is called for
         a wave's requests when the wave ends): block drafting, or one view's sampling when
@@ -220,6 +221,7 @@ class VllmPerTokenBackend:
         config: RolloutConfig,
         progress: ProgressCallback | None = None,
         on_finished: FinishedCallback | None = None,
+        score_top_n: int | None = None,  # records no scores: scoring computes every view
     ) -> list[RolloutResult]:
         results = self.backend.rollout_per_token(requests, config, progress, on_finished)
         self.last_stats = self.backend.last_stats
