@@ -308,7 +308,9 @@ class ViewScores:
     log-softmax of the raw logits (temperature 1, no token removed) at the chosen token, and
     the view's most likely alternatives. An engine that consulted the view at every token
     records them on the way (`RolloutBackend.rollout(score_top_n=N)`), which spares scoring
-    a prefill of that view."""
+    a prefill of that view. The fast engine computes them from the very logits scoring would
+    (`scoring.normalised_top`); vLLM (tau 0 / 1) returns its own raw log-probs, equal up to
+    its kernels' rounding."""
 
     logprobs: np.ndarray  # (T,) float32
     top_ids: np.ndarray  # (T, N) int64, most likely first

@@ -345,7 +345,7 @@ class TestPromptLogprobVerification:
         stop = int(np.bincount(np.concatenate([r.token_ids for r in results])).argmax())
         stopping = dataclasses.replace(config, eos_token_ids=(stop,))
         asked.clear()
-        stopped = backend.rollout(requests, stopping)
+        stopped = backend.rollout(requests, stopping, score_top_n=3)
         assert asked == [view] * len(requests)
         assert any(r.finish_reason == "eos" for r in stopped)
         assert not any(stop in r.token_ids.tolist() for r in stopped)
@@ -363,6 +363,18 @@ class TestPromptLogprobVerification:
                     getattr(b, f"{view}_logprobs"), getattr(a, f"{view}_logprobs"), atol=2e-3
                 )
                 assert np.isnan(getattr(b, f"{other}_logprobs")).all()  # never consulted
+            # Asked for scores, the one view's are recorded: the fast engine's numbers.
+            if got is stopped:
+                recorded = fast_rollout(model, requests, settings, score_top_n=3)
+                for a, b in zip(recorded, got, strict=True):
+                    assert set(b.view_scores) == {view}
+                    mine, theirs = b.view_scores[view], a.view_scores[view]
+                    np.testing.assert_allclose(mine.logprobs, theirs.logprobs, atol=2e-3)
+                    np.testing.assert_allclose(mine.top_logprobs, theirs.top_logprobs, atol=2e-3)
+                    assert mine.top_ids.shape == (len(b), 3)
+                    np.testing.assert_array_equal(mine.top_ids[:, 0], theirs.top_ids[:, 0])
+            else:
+                assert all(r.view_scores == {} for r in got)
         print(
             f"tau = {tau}: {view} alone, {stats.requests} requests, "
             f"{sum(r.finish_reason == 'eos' for r in stopped)} traces ended at EOS"

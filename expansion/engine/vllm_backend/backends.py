@@ -116,12 +116,13 @@ class VllmBackend:
         config: RolloutConfig,
         progress: ProgressCallback | None = None,
         on_finished: FinishedCallback | None = None,
-        score_top_n: int | None = None,  # records no scores: scoring computes every view
+        score_top_n: int | None = None,
     ) -> list[RolloutResult]:
         """Expand every request (waves of `config.max_batch_size`; `on_finished` is called for
         a wave's requests when the wave ends): block drafting, or one view's sampling when
-        tau = 0 or 1."""
-        return self._run(requests, config, progress, on_finished, per_token=False)
+        tau = 0 or 1 (which, with `score_top_n`, records that view's scores; block drafting
+        records none)."""
+        return self._run(requests, config, progress, on_finished, False, score_top_n)
 
     def rollout_per_token(
         self,
@@ -131,7 +132,7 @@ class VllmBackend:
         on_finished: FinishedCallback | None = None,
     ) -> list[RolloutResult]:
         """Expand every request with the release's loop: one request per token per view."""
-        return self._run(requests, config, progress, on_finished, per_token=True)
+        return self._run(requests, config, progress, on_finished, True)
 
     def close(self) -> None:
         """Shut the engine's processes down (the backend is unusable afterwards)."""
@@ -174,6 +175,7 @@ class VllmBackend:
         progress: ProgressCallback | None,
         on_finished: FinishedCallback | None,
         per_token: bool,
+        score_top_n: int | None = None,
     ) -> list[RolloutResult]:
         config = self.resolve_config(config)
         self.validate(requests, config)
@@ -185,7 +187,7 @@ class VllmBackend:
         results: list[RolloutResult] = []
         for start in range(0, len(requests), config.max_batch_size):
             chunk = list(requests[start : start + config.max_batch_size])
-            wave = Wave(self, chunk, config, stats, report)
+            wave = Wave(self, chunk, config, stats, report, score_top_n)
             finished = wave.run_per_token() if per_token else wave.run()
             if on_finished is not None:
                 on_finished([(len(results) + n, result) for n, result in enumerate(finished)])

@@ -67,6 +67,7 @@ from expansion.engine.rollout import (
     RolloutError,
     RolloutRequest,
     RolloutResult,
+    ViewScores,
     adapted_block_size,
     finished_result,
     length_ending,
@@ -98,6 +99,7 @@ class _Sequence:
     # (view, index) -> normaliser, for log-probs still to be read from a later request
     missing: dict[tuple[str, int], float] = field(default_factory=dict)
     finish: tuple[str, str | None] | None = None
+    view_scores: dict[str, ViewScores] = field(default_factory=dict)
 
     @property
     def done(self) -> int:
@@ -114,8 +116,10 @@ class Wave:
         config: RolloutConfig,
         stats: VllmRolloutStats,
         report: Callable[[int], None],
+        score_top_n: int | None = None,
     ) -> None:
         self.backend = backend
+        self.score_top_n = score_top_n
         self.config = config
         self.stats = stats
         self.report = report
@@ -150,6 +154,7 @@ class Wave:
                 s.logprobs["privileged"],
                 finish_reason=s.finish[0],  # type: ignore[arg-type,index]
                 error=s.finish[1],  # type: ignore[index]
+                view_scores=s.view_scores,
             )
             for s in self.sequences
         ]
@@ -258,6 +263,7 @@ class Wave:
                     f"vLLM returned {count} of {budget} tokens for a sequence without EOS "
                     f"(finish reason {generated.finish_reason!r})"
                 )
+            self._record_scores(sequence, view, top)
             # The generated tokens are the decisions: every draft matches.
             self.stats.drafted += decided
             self.stats.matched_drafts += decided
@@ -477,6 +483,19 @@ class Wave:
         return tops
 
     # -- shared --
+
+    def _record_scores(self, sequence: _Sequence, view: str, top: TopLogprobs) -> None:
+        """With `score_top_n`, keep what scoring would compute for the view: vLLM's raw
+        (temperature 1, unprocessed) log-probs of the trace's tokens and their top-N."""
+        n, width = self.score_top_n, top.top_ids.shape[1]
+        if n is None or n > width:
+            return
+        count = sequence.done
+        sequence.view_scores[view] = ViewScores(
+            logprobs=top.actual_logprobs[:count].astype(np.float32),
+            top_ids=top.top_ids[:count, :n].astype(np.int64),
+            top_logprobs=top.top_logprobs[:count, :n].astype(np.float32),
+        )
 
     def _commit(self, sequence: _Sequence, decisions: PositionDecisions, row: int) -> bool:
         """Append the decided token at `row` to `sequence` under the commit rules of every
