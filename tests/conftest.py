@@ -7,6 +7,7 @@ cache directory that survives test runs (conversion takes ~20 s; loading afterwa
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,16 @@ def wait_for(predicate, timeout: float = 60, interval: float = 0.2, message: str
             return value
         time.sleep(interval)
     pytest.fail(message or f"condition not met within {timeout} s")
+
+
+@pytest.fixture
+def single_torch_thread() -> Iterator[None]:
+    """Tiny models run much faster on one thread, above all on a busy machine (threads of a
+    2-core pool spin-wait on each other). Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("single_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -47,17 +47,6 @@ def build_tiny_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> Any:
     return tokenizer
 
 
-@pytest.fixture
-def single_torch_thread() -> Any:
-    """Tiny models run much faster on one thread, above all on a busy machine (threads of a
-    2-core pool spin-wait on each other). Modules opt in with
-    `pytestmark = pytest.mark.usefixtures("single_torch_thread")`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> Any:
     return build_tiny_tokenizer()

@@ -37,16 +37,6 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def single_torch_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_a_chunk_reports_the_rollout_before_its_prefill_and_stores_scorings_numbers(
     tiny_model_dir, broker_url, clean_queues, monkeypatch
 ):

@@ -44,16 +44,6 @@ def queue(broker_url, clean_queues):
     """Launching publishes to the test broker; the jobs are run inline here."""
 
 
-@pytest.fixture
-def single_torch_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_dataset_with_problems(count: int = 12, **dataset_fields):
     """`count` problems; the hash split depends on the dataset's id, so 12 problems at
     fraction 0.5 leave a side empty with probability 2 / 4096 only."""
