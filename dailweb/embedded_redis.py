@@ -91,7 +91,10 @@ class EmbeddedRedis:
         args += ["--appendonly", "yes" if self.persistent else "no"]
         if self.persistent:
             args += ["--appendfsync", "always"]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        # Its own session, like `up`'s other children: a terminal's Ctrl-C (SIGINT to the
+        # foreground process group) must not stop the broker before the workers, which `up`
+        # stops first while the broker still answers.
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
         return self.process
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:

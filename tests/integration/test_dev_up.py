@@ -1,7 +1,8 @@
 """README command 1 on embedded defaults: `manage.py up` (what `./dev up` runs after
 installing) with no DATABASE_URL and no CELERY_BROKER_URL: SQLite + the embedded Redis,
 two real workers and the web server, then a login page that answers. And its supervision:
-a killed Redis comes back, a child that keeps dying stops everything."""
+a killed Redis comes back, a child that keeps dying stops everything, and Ctrl-C stops the
+workers while the broker still answers."""
 
 from __future__ import annotations
 
@@ -166,6 +167,43 @@ def test_up_restarts_killed_redis_and_stops_on_a_crash_loop(tmp_path):
         assert f"stopping everything. Read {data / 'redis' / 'redis.log'}" in text
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", port)) != 0  # the web server was stopped too
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGTERM)
+            up.wait(timeout=60)
+
+
+def test_ctrl_c_stops_the_workers_before_the_broker(tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to the whole foreground process group: `up` must get it
+    and stop its children in order; none of them may take it first (the broker did, and the
+    workers filled their logs with lost-connection tracebacks)."""
+    data = tmp_path / "d"
+    port = free_port()
+    console = tmp_path / "up.out"
+    with console.open("wb") as sink:
+        up = subprocess.Popen(
+            [sys.executable, "manage.py", "up", "--skip-model", "--port", str(port)],
+            cwd=REPO_ROOT,
+            env=embedded_env(data),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a process group of its own, as a terminal gives it
+        )
+
+    def output() -> str:
+        return console.read_text(errors="replace")
+
+    try:
+        wait_until(lambda: "running at" in output(), 300, "startup", up, output)
+        redis_pid = int(re.search(r"redis: started \(pid (\d+)\)", output()).group(1))
+        os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C does
+        assert up.wait(timeout=90) == 0, output()[-3000:]
+        assert not Path(f"/proc/{redis_pid}").exists()  # stopped and reaped
+        for worker in ("worker-gpu", "worker-default"):
+            log = (data / "logs" / f"{worker}.log").read_text(errors="replace")
+            assert "ready." in log, log[-2000:]
+            assert "Connection to broker lost" not in log, log[-3000:]
+            assert "Traceback" not in log, log[-3000:]
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGTERM)
