@@ -42,7 +42,7 @@ def test_run_expands_champ_problems_with_consistent_arrays(
 ):
     champ_load()
     problems = list(Problem.objects.order_by("external_id")[:3])
-    celery_worker_factory(name="gpu-exp", queues="gpu")
+    worker = celery_worker_factory(name="gpu-exp", queues="gpu")
     run = launch(embedded_model_dir, problems)
     wait_for(
         lambda: all(j.state in (JobState.SUCCEEDED, JobState.FAILED) for j in chunk_jobs(run)),
@@ -51,6 +51,8 @@ def test_run_expands_champ_problems_with_consistent_arrays(
     )
     job = chunk_jobs(run).get()
     assert job.state == JobState.SUCCEEDED, job.error + job.log
+    # The job page shows its progress; the worker's log file gets no library progress bars.
+    assert "Loading weights" not in worker.log_text()
     traces = list(Trace.objects.filter(run=run))
     assert len(traces) == 6
     # One pass over the chunk's 3 problems (their 6 sequences decoded together), each problem
