@@ -538,12 +538,12 @@ class _Wave:
 
     def _finish(self, index: int, ending: Ending) -> None:
         out = self.outputs.pop(index)
-        n = self.score_top_n
+        shape = (len(out["token_ids"]), self.score_top_n)
         view_scores = {
             view: ViewScores(
                 logprobs=np.asarray(out[f"raw_{view}"], dtype=np.float32),
-                top_ids=np.asarray(out[f"top_ids_{view}"], dtype=np.int64).reshape(-1, n),
-                top_logprobs=np.asarray(out[f"top_lps_{view}"], dtype=np.float32).reshape(-1, n),
+                top_ids=np.asarray(out[f"top_ids_{view}"], dtype=np.int64).reshape(shape),
+                top_logprobs=np.asarray(out[f"top_lps_{view}"], dtype=np.float32).reshape(shape),
             )
             for view in self.scored_views
         }

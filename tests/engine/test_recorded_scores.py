@@ -96,6 +96,22 @@ def test_recorded_scores_equal_scoring_of_the_same_traces(tiny_model_factory, ta
             assert not np.allclose(own, result.view_scores["privileged"].logprobs, atol=1e-6)
 
 
+@pytest.mark.parametrize("tau", [0.7, 1.0])
+def test_no_alternatives_and_empty_traces_have_well_shaped_scores(tiny_model_factory, tau):
+    model = tiny_model_factory()
+    reqs = requests(4)
+    first = fast_rollout(model, reqs, RolloutConfig(tau=tau, max_new_tokens=1), score_top_n=0)
+    # every first token declared EOS: traces of length 0
+    eos = tuple({int(r.token_ids[0]) for r in first})
+    config = RolloutConfig(tau=tau, max_new_tokens=6, eos_token_ids=eos)
+    for top_n in (0, 2):
+        for result in fast_rollout(model, reqs, config, score_top_n=top_n):
+            for scores in result.view_scores.values():
+                assert scores.logprobs.shape == (len(result),)
+                assert scores.top_ids.shape == scores.top_logprobs.shape == (len(result), top_n)
+        assert any(len(r) == 0 for r in fast_rollout(model, reqs, config, score_top_n=top_n))
+
+
 def test_without_score_top_n_nothing_is_recorded(tiny_model_factory):
     model = tiny_model_factory()
     results = fast_rollout(model, requests(2), RolloutConfig(tau=1.0, max_new_tokens=5))
