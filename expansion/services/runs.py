@@ -26,6 +26,7 @@ from curation.spans import Span
 from dailweb.errors import ConflictError, DomainError
 from dailweb.jobs.models import ACTIVE_STATES, Job, JobState
 from dailweb.jobs.services import job_cancel, job_launch, job_retry
+from dailweb.storable import storable_text
 from expansion.engine.answers import DEFAULT_KEPT_RULE, KEPT_RULES
 from expansion.engine.prompts import PromptError, PromptTemplates
 from expansion.engine.rollout import (
@@ -261,7 +262,7 @@ def _summary_fields(expanded, threshold: float) -> dict[str, Any]:
         "shortcut_share": float(expanded.shortcut.share_above),
         "finish_reason": expanded.finish_reason,
         "error": expanded.error or "",
-        "answer_extracted": (check.predicted or "") if check is not None else "",
+        "answer_extracted": storable_text(check.predicted or "") if check is not None else "",
         "answer_correct": None if check is None else bool(check.correct),
         "checkers_disagree": bool(check.disagreement) if check is not None else False,
         "kept": bool(expanded.kept),

@@ -5,10 +5,12 @@ traces from their prompts)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from expansion.engine import rollout_fast
+from expansion.engine import pipeline, rollout_fast
 from expansion.engine.pipeline import view_prompts_for
 from expansion.engine.prompts import PromptTemplates
 from expansion.engine.scoring import ScoringRequest, score_traces
@@ -116,3 +118,30 @@ def test_a_chunk_reports_the_rollout_before_its_prefill_and_stores_scorings_numb
         np.testing.assert_allclose(
             arrays.privileged_top_logprobs, fresh.privileged_top_logprobs, **close
         )
+
+
+def test_an_answer_read_from_a_trace_with_nul_bytes_is_stored(
+    tiny_model_dir, broker_url, clean_queues, monkeypatch
+):
+    """A model can emit NUL; PostgreSQL text columns refuse it. The answer read from such a
+    trace is stored with U+FFFD in its place (the trace's own text lives in the blob)."""
+    dataset = make_dataset(kind="verifiable")
+    problem = make_problem(dataset=dataset, statement="Compute $1 + 1$.", answer="2")
+    real = pipeline.mark_kept
+
+    def answers_with_nul(texts, expected, **kwargs):
+        kept, checks = real(texts, expected, **kwargs)
+        return kept, [dataclasses.replace(c, predicted="2\x00") for c in checks]
+
+    monkeypatch.setattr(pipeline, "mark_kept", answers_with_nul)
+    run = expansion_run_launch(
+        settings=RunSettings(
+            name="nul", model_path=str(tiny_model_dir), samples_per_problem=2,
+            rollout={"max_new_tokens": 4},
+        ),
+        problem_ids=[problem.pk],
+        launched_by=make_user("admin"),
+    )  # fmt: skip
+    expansion_chunk_execute(run_id=run.pk, chunk_index=0, progress=lambda *a: None, log=print)
+    answers = list(Trace.objects.filter(run=run).values_list("answer_extracted", flat=True))
+    assert answers == ["2\ufffd", "2\ufffd"]

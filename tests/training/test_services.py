@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -518,3 +519,31 @@ def test_comparison_flags_evaluations_with_different_top_k():
     assert len(comparison.results) == 2  # still compared, with the warning
     same = selectors.evaluation_comparison([first.pk, make_evaluation(problems=1).pk])
     assert not any("top-k" in w for w in same.warnings)
+
+
+def test_generated_text_with_nul_bytes_is_stored(queue, tiny_model_path, monkeypatch):
+    """A model can emit NUL (a byte-fallback token); PostgreSQL text columns refuse it, which
+    failed the whole evaluation. It is stored as U+FFFD, and the answer is still judged."""
+    dataset, _ = problems(1, answers={0: "7"})
+    real = engine.generate_completions
+    generated: dict[int, str] = {}
+
+    def with_nul(backend, model, tokenizer, units, **kwargs):
+        out = []
+        for completions in real(backend, model, tokenizer, units, **kwargs):
+            out.append([])
+            for c in completions:
+                generated[c.sample_index] = f"\x00{c.text}\x00 so \\boxed{{7}}, \\boxed{{7\x00}}"
+                out[-1].append(dataclasses.replace(c, text=generated[c.sample_index]))
+        return out
+
+    monkeypatch.setattr(engine, "generate_completions", with_nul)
+    evaluation = launch(tiny_model_path, dataset, samples_per_problem=2, ks=[1, 2])
+    services.evaluation_execute(
+        evaluation_id=evaluation.pk, progress=lambda *a: None, log=lambda m: None
+    )
+    samples = list(EvaluationSample.objects.filter(eval_problem__evaluation=evaluation))
+    assert len(samples) == 2
+    for sample in samples:
+        assert sample.text == generated[sample.sample_index].replace("\x00", "\ufffd")
+        assert sample.answer_extracted == "7\ufffd"  # the last box, stored as read

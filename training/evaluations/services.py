@@ -33,6 +33,7 @@ from curation.models import Dataset, DatasetKind, Problem
 from dailweb.errors import ConflictError, DomainError
 from dailweb.jobs.models import ACTIVE_STATES, JobState
 from dailweb.jobs.services import job_cancel, job_launch, job_retry
+from dailweb.storable import storable_text
 from expansion.engine.answers import judge_completion
 from expansion.services.models import model_session_open, vllm_launch_refusal
 from training.engine import evaluation as engine
@@ -352,11 +353,11 @@ def _sample_row(member: EvaluationProblem, completion: engine.Completion) -> Eva
     return EvaluationSample(
         eval_problem=member,
         sample_index=completion.sample_index,
-        text=completion.text,
+        text=storable_text(completion.text),
         token_count=completion.token_count,
         forced_tokens=completion.forced_tokens,
         finish_reason=completion.finish_reason,
-        answer_extracted=verdict.predicted or "",
+        answer_extracted=storable_text(verdict.predicted or ""),
         # An empty box (the force-answer prompt's own `\\boxed{}`) is no answer.
         has_answer=bool(verdict.predicted and verdict.predicted.strip()),
         math_verify=verdict.math_verify,
