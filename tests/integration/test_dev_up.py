@@ -102,11 +102,9 @@ def job_state(data: Path, job_id: int) -> str:
         return db.execute("SELECT state FROM jobs_job WHERE id = ?", (job_id,)).fetchone()[0]
 
 
-def test_up_restarts_killed_redis_and_stops_on_a_crash_loop(tmp_path):
-    data = tmp_path / "d"
-    env = embedded_env(data)
-    port = free_port()
-    console = tmp_path / "up.out"
+def start_up(env: dict[str, str], port: int, console: Path):
+    """`manage.py up --skip-model` in a process group of its own (as a terminal gives it),
+    its output going to `console`; returns the process and a reader of its output."""
     with console.open("wb") as sink:
         up = subprocess.Popen(
             [sys.executable, "manage.py", "up", "--skip-model", "--port", str(port)],
@@ -119,6 +117,15 @@ def test_up_restarts_killed_redis_and_stops_on_a_crash_loop(tmp_path):
 
     def output() -> str:
         return console.read_text(errors="replace")
+
+    return up, output
+
+
+def test_up_restarts_killed_redis_and_stops_on_a_crash_loop(tmp_path):
+    data = tmp_path / "d"
+    env = embedded_env(data)
+    port = free_port()
+    up, output = start_up(env, port, tmp_path / "up.out")
 
     try:
         wait_until(lambda: "running at" in output(), 300, "startup", up, output)
@@ -178,20 +185,7 @@ def test_ctrl_c_stops_the_workers_before_the_broker(tmp_path):
     and stop its children in order; none of them may take it first (the broker did, and the
     workers filled their logs with lost-connection tracebacks)."""
     data = tmp_path / "d"
-    port = free_port()
-    console = tmp_path / "up.out"
-    with console.open("wb") as sink:
-        up = subprocess.Popen(
-            [sys.executable, "manage.py", "up", "--skip-model", "--port", str(port)],
-            cwd=REPO_ROOT,
-            env=embedded_env(data),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a process group of its own, as a terminal gives it
-        )
-
-    def output() -> str:
-        return console.read_text(errors="replace")
+    up, output = start_up(embedded_env(data), free_port(), tmp_path / "up.out")
 
     try:
         wait_until(lambda: "running at" in output(), 300, "startup", up, output)
