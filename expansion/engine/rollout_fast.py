@@ -141,20 +141,8 @@ def fast_rollout(
     return results  # type: ignore[return-value]
 
 
-# Prefill groups: distinct prompts, sorted by length, up to this many padded tokens a group.
-PREFILL_TOKENS = 8192
-
-
-def _length_groups(lengths: list[int], budget: int) -> list[list[int]]:
-    """Indices of ascending `lengths` in consecutive groups whose padded size (rows x the
-    group's longest) stays within `budget` (a group has at least one row)."""
-    groups: list[list[int]] = []
-    for index, length in enumerate(lengths):
-        if groups and (len(groups[-1]) + 1) * max(length, 1) <= budget:
-            groups[-1].append(index)
-        else:
-            groups.append([index])
-    return groups
+# Padded tokens per prompt-prefill pass (None: `model_views.prefill_group_tokens`).
+PREFILL_TOKENS: int | None = None
 
 
 def _stack(parts: list[TokenDistributions]) -> TokenDistributions:
@@ -239,36 +227,15 @@ class _Wave:
     def _prefill(
         self, view: str, requests: list[RolloutRequest]
     ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Read each distinct prompt once except its last token, which is the first input.
+        """Read each prompt except its last token, which is the first input
+        (`model_views.prefill`: distinct prompts once, their shared prefix once).
         Returns the cache, its mask (B, P), the next positions (B,) and inputs (B,)."""
         prompts = [r.prompt_ids(view) for r in requests]
-        # Distinct prompts, shortest first, read in groups of similar length (left padding
-        # to a group's longest prompt, not to the longest of all).
-        distinct = sorted(set(prompts), key=len)
-        order = {p: n for n, p in enumerate(distinct)}
-        cache, valid = model_views.new_cache(self.model), None
-        for group in _length_groups([len(p) - 1 for p in distinct], PREFILL_TOKENS):
-            heads = [list(distinct[n][:-1]) for n in group]
-            if max(len(h) for h in heads) == 0:
-                part_cache = model_views.new_cache(self.model)
-                part_valid = torch.zeros((len(heads), 0), dtype=torch.bool, device=self.device)
-            else:
-                ids, part_valid = model_views.left_pad(heads, self.device)  # (G, P)
-                positions = model_views.positions_from_valid(part_valid)  # (G, P)
-                part_cache = model_views.new_cache(self.model)
-                model_views.forward_logits(
-                    self.model, view, ids, part_valid, positions, part_cache, 1
-                )
-                self.stats.forward_passes += 1
-            if valid is None:
-                cache, valid = part_cache, part_valid
-            else:
-                valid = model_views.append_cache_rows(cache, valid, part_cache, part_valid)
-        assert valid is not None
-        rows = torch.tensor([order[p] for p in prompts], dtype=torch.long, device=self.device)
-        if valid.shape[1]:
-            model_views.select_cache_rows(cache, rows)
-        valid = valid[rows]  # (B, P)
+        read = model_views.prefill(
+            self.model, view, [p[:-1] for p in prompts], group_tokens=PREFILL_TOKENS
+        )
+        self.stats.forward_passes += read.passes
+        cache, valid = read.cache, read.valid  # (B, P)
         next_position = torch.tensor(
             [len(p) - 1 for p in prompts], dtype=torch.long, device=self.device
         )

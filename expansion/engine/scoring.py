@@ -3,11 +3,11 @@
 After a trace is expanded, one prefill pass per view over `prompt + trace` gives, for every
 trace token r_i, `log p_L(r_i)`, `log p_PS(r_i)`, `log p_NR(r_i)` (full softmax, temperature 1:
 the distributions the training objective compares) and the top-N alternatives of PS and NR
-for the reviewer. Traces are batched per view (prompts left-padded, traces right-padded so
-trace positions line up; only trace positions go through the output layer), in micro-batches
-bounded by tokens and by logits size. Traces that share a prompt (the samples of a problem)
-share its prefill: the distinct prompts are read once into a KV cache whose rows are repeated,
-then the traces are read on top of it. A view whose scores the rollout engine already recorded
+for the reviewer. Traces are batched per view (traces right-padded so trace positions line
+up; only trace positions go through the output layer), in micro-batches bounded by tokens and
+by logits size. The prompts are read first by `model_views.prefill`, as the engines read
+theirs: each distinct prompt once (the samples of a problem share it), the prefix all prompts
+share once, the rest in groups of similar length; the traces are then read on top. A view whose scores the rollout engine already recorded
 (`ScoringRequest.known_scores`, `rollout.ViewScores`, from the same `normalised_top`) is not
 read again.
 
@@ -226,21 +226,16 @@ def _trace_logits(
 ) -> torch.Tensor:
     """Logits predicting every trace position: (B, T, V), T the longest trace.
 
-    Distinct prompts are prefilled once (the logits of their last position predict trace
-    token 0) and their cache rows repeated; the traces then go through in one pass on top."""
+    The prompts are read by `model_views.prefill` (distinct prompts once, their shared prefix
+    once; the logits of each prompt's last position predict trace token 0); the traces then
+    go through in one pass on top."""
     device = model_views.model_device(model)
-    distinct: dict[tuple[int, ...], int] = {}
-    row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
-    rows = torch.tensor(row_of, dtype=torch.long, device=device)
+    read = model_views.prefill(model, view, prompts, last_logits=True)
+    assert read.last_logits is not None
+    first = read.last_logits[:, None]  # (B, 1, V)
     response_len = max(len(r) for r in responses)
-    cache = model_views.new_cache(model) if response_len > 1 else None
-    ids, prompt_valid = model_views.left_pad([list(p) for p in distinct], device)  # (U, P)
-    positions = model_views.positions_from_valid(prompt_valid)
-    first = model_views.forward_logits(model, view, ids, prompt_valid, positions, cache, 1)
-    first = first[rows]  # (B, 1, V)
-    if cache is None:
+    if response_len <= 1:
         return first
-    model_views.select_cache_rows(cache, rows)
     traces = torch.zeros((len(responses), response_len - 1), dtype=torch.long)
     trace_valid = torch.zeros_like(traces, dtype=torch.bool)
     for row, response in enumerate(responses):
@@ -249,11 +244,11 @@ def _trace_logits(
         traces[row, : len(head)] = torch.tensor(head, dtype=torch.long)
         trace_valid[row, : len(head)] = True
     traces, trace_valid = traces.to(device), trace_valid.to(device)
-    valid = torch.cat([prompt_valid[rows], trace_valid], dim=1)  # (B, P + T - 1)
+    valid = torch.cat([read.valid, trace_valid], dim=1)  # (B, P + T - 1)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     trace_positions = lengths[:, None] + torch.arange(response_len - 1, device=device)[None, :]
     rest = model_views.forward_logits(
-        model, view, traces, valid, trace_positions, cache, response_len - 1
+        model, view, traces, valid, trace_positions, read.cache, response_len - 1
     )  # (B, T - 1, V)
     return torch.cat([first, rest], dim=1)
 

@@ -102,3 +102,67 @@ def test_grouped_attention_is_switched_on_and_off(tiny_model_factory):
     with model_views.grouped_attention(model):
         assert model.config._attn_implementation == model_views.GROUPED_ATTENTION
     assert model.config._attn_implementation == "sdpa"
+
+
+def _prefixed(rng, prefix: list[int], low: int, high: int) -> list[int]:
+    return prefix + rng.integers(0, 256, size=int(rng.integers(low, high))).tolist()
+
+
+@pytest.mark.parametrize("group_tokens", [1, 40, 10_000])
+def test_prefill_reads_a_shared_prefix_once_and_equals_plain_passes(
+    tiny_model_factory, monkeypatch, group_tokens: int
+):
+    """Prompts that start alike (as every real prompt does: chat template, instruction) are
+    read with their common prefix once, the rest in length groups; each prompt's cache and
+    last logits equal a plain forward pass of that prompt alone, duplicates included."""
+    import numpy as np
+
+    model = tiny_model_factory()
+    rng = np.random.default_rng(21)
+    prefix = rng.integers(0, 256, size=12).tolist()
+    prompts = [_prefixed(rng, prefix, 1, 15) for _ in range(5)]
+    prompts += [prompts[1], prefix + [7]]  # a duplicate; one only a token past the prefix
+    shapes: list[tuple[int, ...]] = []
+    real_forward = model_views.forward_logits
+
+    def spy(model_, view_, input_ids, *args, **kwargs):
+        shapes.append(tuple(input_ids.shape))
+        return real_forward(model_, view_, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(model_views, "forward_logits", spy)
+    read = model_views.prefill(
+        model, "privileged", prompts, group_tokens=group_tokens, last_logits=True
+    )
+    assert shapes[0] == (1, 12), "the shared prefix is read once, in one row"
+    assert sum(rows for rows, _ in shapes[1:]) == 6, "each distinct prompt once"
+    assert read.passes == len(shapes)
+    assert read.valid.shape[0] == len(prompts) and read.last_logits is not None
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            plain = model(torch.tensor([prompt]), use_cache=True)
+        torch.testing.assert_close(read.last_logits[row], plain.logits[0, -1])
+        slots = read.valid[row]
+        assert int(slots.sum()) == len(prompt)
+        for layer, alone in zip(read.cache.layers, plain.past_key_values.layers, strict=True):
+            torch.testing.assert_close(layer.keys[row][:, slots], alone.keys[0])
+            torch.testing.assert_close(layer.values[row][:, slots], alone.values[0])
+
+
+def test_prefill_without_a_long_shared_prefix_reads_no_prefix(tiny_model_factory, monkeypatch):
+    """A common prefix shorter than `SHARED_PREFIX_MIN` is not worth its own pass; prompts
+    with an empty one (here: an empty prompt, as an engine's one-token prompt leaves) work."""
+    model = tiny_model_factory()
+    shapes: list[tuple[int, ...]] = []
+    real_forward = model_views.forward_logits
+
+    def spy(model_, view_, input_ids, *args, **kwargs):
+        shapes.append(tuple(input_ids.shape))
+        return real_forward(model_, view_, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(model_views, "forward_logits", spy)
+    short = [1, 2, 3]
+    read = model_views.prefill(model, "learner", [short + [4, 5], short + [9], []])
+    assert read.passes == 1 and shapes == [(3, 5)] and read.last_logits is None
+    assert read.valid.sum(dim=1).tolist() == [5, 4, 0]
+    with pytest.raises(ValueError, match="non-empty"):
+        model_views.prefill(model, "learner", [[1], []], last_logits=True)

@@ -319,3 +319,28 @@ def test_prompts_read_in_length_groups_give_the_same_traces(
     assert_same_traces(
         reference_rollout(model, requests, config), fast_rollout(model, requests, config)
     )
+
+
+@pytest.mark.parametrize("budget", [1, None])
+@pytest.mark.parametrize("tau", [0.5, 1.0])
+def test_prompts_sharing_a_prefix_give_the_same_traces(
+    tiny_model_factory, monkeypatch, budget, tau
+):
+    """Real prompts start alike (chat template, instruction): the engine reads that prefix
+    once and copies its cache rows; the traces do not change."""
+    monkeypatch.setattr(rollout_fast, "PREFILL_TOKENS", budget)
+    model = tiny_model_factory()
+    prefix = list(range(40, 60))
+    requests = [
+        RolloutRequest(
+            prefix[:9] + list(r.learner_prompt_ids),
+            prefix + list(r.privileged_prompt_ids),
+            r.sequence_key,
+        )
+        for r in make_requests(9, seed=14, shared=2)
+    ]
+    config = dataclasses.replace(BASE, tau=tau, max_new_tokens=16, max_batch_size=6)
+    views = (single_view(config),) if single_view(config) else ("learner", "privileged")
+    assert_same_traces(
+        reference_rollout(model, requests, config), fast_rollout(model, requests, config), views
+    )

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from expansion.engine.scoring import (
+    SCORED_VIEWS,
     ScoringRequest,
     score_traces,
     shortcut_scores,
@@ -74,6 +75,33 @@ def test_samples_sharing_a_prompt_equal_unbatched_forward_passes(tiny_model_fact
     for request, score in zip(requests, scores, strict=True):
         response = list(request.response_ids)
         assert score.negative_top_ids.shape == (len(response), 2)
+        if not response:
+            continue
+        picks = torch.arange(len(response)), torch.tensor(response)
+        for view, adapter in (("learner", True), ("privileged", False), ("negative", False)):
+            plain = plain_logprobs(model, request.prompt_ids(view), response, adapter=adapter)
+            got = getattr(score, f"{view}_logprobs")
+            np.testing.assert_allclose(got, plain[picks].numpy(), atol=1e-5, err_msg=view)
+
+
+def test_prompts_sharing_a_prefix_equal_unbatched_forward_passes(tiny_model_factory):
+    """Every view's prompts start alike in real runs (chat template, instruction): scoring
+    reads that prefix once and equals plain forward passes, traces of 0-9 tokens included."""
+    model = tiny_model_factory(adapter=True)
+    rng = np.random.default_rng(9)
+    shared = {view: rng.integers(0, 256, size=size).tolist()
+              for view, size in (("learner", 8), ("privileged", 14), ("negative", 10))}  # fmt: skip
+    requests = []
+    for index in range(5):
+        prompts = [
+            shared[view] + rng.integers(0, 256, size=int(rng.integers(1, 9))).tolist()
+            for view in SCORED_VIEWS
+        ]
+        for length in (0, 1, 9) if index % 2 else (4,):
+            requests.append(ScoringRequest(*prompts, rng.integers(0, 256, size=length).tolist()))
+    scores = score_traces(model, requests, top_n=2)
+    for request, score in zip(requests, scores, strict=True):
+        response = list(request.response_ids)
         if not response:
             continue
         picks = torch.arange(len(response)), torch.tensor(response)
