@@ -8,7 +8,11 @@ tokens/s, both at the same `max_batch_size`):
 
 - J1 = expansion job / fast rollout of the same sequences, 2 samples per problem over 16 CHAMP
   problems (8 with --quick), for tau = 1.0 (the default preset, release DAIL data) and
-  tau = 0.8 (mixed policy); target >= 0.8. The job's time starts after its model is loaded.
+  tau = 0.8 (mixed policy); target >= 0.8. The job's time starts after its model is loaded;
+  the engine records the scores of the views it consults, as the job asks it to.
+- J1 ceiling = the most J1 can be on this machine: the engine's time over the engine's time
+  plus `score_traces` on its traces (the views the engine did not consult; the job cannot
+  store a trace without them). J1 close to its ceiling means the job adds nothing else.
 - J3 = fast rollout at tau = 1 / plain `model.generate` sampling of the privileged prompts in
   one left-padded batch (top-k 20, temperature 1), same sequences; target >= 0.95.
 - J2 = evaluation job (`evaluation_execute`: prompts, sampling in calls of up to
@@ -18,6 +22,11 @@ tokens/s, both at the same `max_batch_size`):
   forbid EOS, so the job's tokens are the ones it stored (the sum of `EvaluationSample.
   token_count`; a row that ended early idles in its batch), while `generate` runs every row
   to the budget (`min_new_tokens`). The job's time starts after its model is loaded.
+
+With `--backend vllm` the jobs run on vLLM (as a run or evaluation launched with the vLLM
+backend does) and J1 / J2 compare them with the vLLM rollout backend alone and with plain vLLM
+sampling, each on an engine started as the job starts its own (start-up not timed, one engine
+alive at a time); the job scores with the transformers model, as it does in production.
 
 In J1 and J3 EOS is forbidden, so every sequence produces exactly the token budget and the
 engines do the same work. Timings alternate between the job and the engine round by round
@@ -49,7 +58,13 @@ def _champ_problems(count: int) -> list[Any]:
     return list(Problem.objects.order_by(*PROBLEM_ORDER)[:count])
 
 
-def _launch_run(model_dir: str, problems: list[Any], rollout: dict[str, Any], samples: int):
+def _launch_run(
+    model_dir: str,
+    problems: list[Any],
+    rollout: dict[str, Any],
+    samples: int,
+    backend: str = "transformers",
+):
     """A run with one chunk, launched as the web form launches it (its message goes to an
     in-memory broker that no worker reads: the benchmark executes the chunk itself)."""
     from expansion.services.runs import RunSettings, expansion_run_launch
@@ -61,6 +76,7 @@ def _launch_run(model_dir: str, problems: list[Any], rollout: dict[str, Any], sa
         preset="",
         rollout=rollout,
         chunk_problems=len(problems),
+        backend=backend,
     )
     return expansion_run_launch(
         settings=settings, problem_ids=[p.pk for p in problems], launched_by=None
@@ -87,8 +103,9 @@ def time_expansion_job(run: Any) -> tuple[float, int]:
     return seconds, tokens
 
 
-def engine_requests(run: Any, tokenizer: Any) -> list[Any]:
-    """The run's sequences as the job builds them (same prompts, keys and order)."""
+def engine_requests(run: Any, tokenizer: Any) -> tuple[list[Any], list[Any]]:
+    """The run's sequences as the job builds them (same prompts, keys and order), and each
+    sequence's three view prompts (`pipeline.ViewPrompts`)."""
     from expansion.engine.pipeline import view_prompts_for
     from expansion.engine.prompts import PromptTemplates
     from expansion.engine.rollout import RolloutRequest
@@ -101,19 +118,88 @@ def engine_requests(run: Any, tokenizer: Any) -> list[Any]:
         tokenizer, items, PromptTemplates.from_dict(run.templates), reasoning=False,
         max_prompt_tokens=None,
     )  # fmt: skip
-    return [
+    samples = run.samples_per_problem
+    requests = [
         RolloutRequest(p.learner_ids, p.privileged_ids, sequence_key(item.key, s))
         for item, p in zip(items, prompts, strict=True)
-        for s in range(run.samples_per_problem)
+        for s in range(samples)
     ]
+    return requests, [p for p in prompts for _ in range(samples)]
 
 
-def time_rollout(model: Any, requests: list[Any], config: Any) -> tuple[float, int]:
+def time_rollout(
+    model: Any, requests: list[Any], config: Any, score_top_n: int | None = None
+) -> tuple[float, list[Any]]:
+    """Seconds and results of the fast engine alone (recording the scores of the views it
+    consults when `score_top_n` is given, as the job asks it to)."""
     from expansion.engine.rollout_fast import fast_rollout
 
     started = time.perf_counter()
-    results = fast_rollout(model, requests, config)
-    return time.perf_counter() - started, sum(len(r) for r in results)
+    results = fast_rollout(model, requests, config, score_top_n=score_top_n)
+    return time.perf_counter() - started, results
+
+
+def time_vllm_rollout(
+    model_dir: str, requests: list[Any], config: Any, score_top_n: int | None
+) -> tuple[float, list[Any]]:
+    """Seconds and results of the vLLM rollout backend alone, on an engine started as the
+    job starts its own (`model_session_open`: same KV cache settings; start-up not timed, and
+    only one engine alive at a time)."""
+    from expansion.services.models import model_session_open
+
+    with model_session_open(model_path=model_dir, engine="vllm") as session:
+        backend = session.backend
+        started = time.perf_counter()
+        results = backend.rollout(requests, config, score_top_n=score_top_n)
+        return time.perf_counter() - started, results
+
+
+def time_vllm_generate(
+    model_dir: str, prompts: list[list[int]], evaluation: Any
+) -> tuple[float, int]:
+    """Plain vLLM sampling of the evaluation's prompts with its temperature and top-p, every
+    row to the token budget, on an engine started as the job starts its own."""
+    from vllm import SamplingParams, TokensPrompt
+
+    from expansion.services.models import model_session_open
+
+    budget = evaluation.max_new_tokens
+    params = SamplingParams(
+        max_tokens=budget,
+        min_tokens=budget,
+        ignore_eos=True,
+        temperature=evaluation.temperature,
+        top_p=evaluation.top_p,
+        detokenize=False,
+    )
+    with model_session_open(model_path=model_dir, engine="vllm") as session:
+        llm = session.backend.llm
+        started = time.perf_counter()
+        outputs = llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
+        )
+        seconds = time.perf_counter() - started
+    return seconds, sum(len(o.outputs[0].token_ids) for o in outputs)
+
+
+def time_scoring(model: Any, prompts: list[Any], results: list[Any], top_n: int) -> float:
+    """Seconds `score_traces` takes for the engine's traces as the job calls it (the views
+    the engine recorded are not read again): the work the job must add to the engine's."""
+    from expansion.engine.scoring import ScoringRequest, score_traces
+
+    requests = [
+        ScoringRequest(
+            p.learner_ids,
+            p.privileged_ids,
+            p.negative_ids,
+            r.token_ids.tolist(),
+            known_scores=r.view_scores,
+        )
+        for p, r in zip(prompts, results, strict=True)
+    ]
+    started = time.perf_counter()
+    score_traces(model, requests, top_n=top_n)
+    return time.perf_counter() - started
 
 
 def time_generate(model: Any, requests: list[Any], budget: int, batch: int) -> tuple[float, int]:
@@ -144,7 +230,9 @@ def time_generate(model: Any, requests: list[Any], budget: int, batch: int) -> t
     return time.perf_counter() - started, tokens
 
 
-def _launch_evaluation(model_dir: str, problems: list[Any], samples: int, tokens: int) -> Any:
+def _launch_evaluation(
+    model_dir: str, problems: list[Any], samples: int, tokens: int, backend: str = "transformers"
+) -> Any:
     """An evaluation of `problems`, launched as the web form launches it (its message goes to
     the in-memory broker; the benchmark executes the job itself). One sample batch per
     problem; the job packs batches into calls of `settings.EVALUATION_MAX_BATCH_SIZE`."""
@@ -167,6 +255,7 @@ def _launch_evaluation(model_dir: str, problems: list[Any], samples: int, tokens
         ks=(1,),
         budgets=(tokens,),
         batch_size=samples,
+        backend=backend,
     )
     return evaluation_launch(settings=settings, launched_by=None)
 
@@ -244,7 +333,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tokens", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--batch", type=int, default=32, help="max_batch_size everywhere")
     parser.add_argument("--rounds", type=int, help="timing rounds (default 2, quick 1)")
+    parser.add_argument(
+        "--backend",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="the jobs' backend; vllm: J1 against the vLLM rollout backend and J2 against "
+        "plain vLLM sampling (each on an engine of its own, start-up not timed; no J3)",
+    )
     args = parser.parse_args(argv)
+    vllm = args.backend == "vllm"
     problems_count = args.problems or (8 if args.quick else 16)
     rounds = args.rounds or (1 if args.quick else 2)
 
@@ -265,8 +362,9 @@ def main(argv: list[str]) -> int:
         rows: list[dict[str, Any]] = []
         warm = RolloutConfig(max_new_tokens=4, forbidden_token_ids=tuple(eos))
         time_rollout(
-            model, engine_requests(_launch_run(model_dir, problems[:1], {}, 1), tokenizer), warm
-        )
+            model, engine_requests(_launch_run(model_dir, problems[:1], {}, 1), tokenizer)[0], warm
+        )  # the vLLM engines are started per measurement (one alive at a time), not warmed
+        engine_name = "vLLM" if vllm else "fast"
         for tau in (1.0, 0.8):
             rollout = {
                 "tau": tau,
@@ -276,29 +374,47 @@ def main(argv: list[str]) -> int:
                 "seed": 1,
             }
             config = RolloutConfig.from_dict(rollout)
-            job_rates, engine_rates, generate_rates = [], [], []
+            job_rates, engine_rates, generate_rates, ceilings = [], [], [], []
             for round_ in range(rounds):
-                run = _launch_run(model_dir, problems, rollout, args.samples)
+                run = _launch_run(model_dir, problems, rollout, args.samples, args.backend)
                 seconds, tokens = time_expansion_job(run)
                 job_rates.append(tokens / seconds)
-                requests = engine_requests(run, tokenizer)
-                seconds, tokens = time_rollout(model, requests, config)
-                engine_rates.append(tokens / seconds)
-                if tau == 1.0:
+                requests, prompts = engine_requests(run, tokenizer)
+                if vllm:
+                    seconds, results = time_vllm_rollout(model_dir, requests, config, run.top_n)
+                else:
+                    seconds, results = time_rollout(model, requests, config, run.top_n)
+                engine_rates.append(sum(len(r) for r in results) / seconds)
+                scoring = time_scoring(model, prompts, results, run.top_n)
+                ceilings.append(seconds / (seconds + scoring))
+                if tau == 1.0 and not vllm:
                     seconds, tokens = time_generate(model, requests, args.tokens, args.batch)
                     generate_rates.append(tokens / seconds)
                 print(f"tau {tau} round {round_ + 1}/{rounds}: job {job_rates[-1]:.1f} tok/s, "
-                      f"engine {engine_rates[-1]:.1f} tok/s", flush=True)  # fmt: skip
+                      f"engine {engine_rates[-1]:.1f} tok/s, engine + scoring "
+                      f"{ceilings[-1] * engine_rates[-1]:.1f} tok/s", flush=True)  # fmt: skip
             job, engine = statistics.median(job_rates), statistics.median(engine_rates)
+            ceiling = statistics.median(ceilings)
             rows.append(
                 {
                     "ratio": "J1",
-                    "what": f"expansion job / fast rollout, tau {tau}",
+                    "what": f"expansion job / {engine_name} rollout, tau {tau}",
                     "tau": tau,
                     "numerator_tok_s": job,
                     "denominator_tok_s": engine,
                     "value": job / engine,
                     "target": TARGETS["J1"],
+                }
+            )
+            rows.append(
+                {
+                    "ratio": "J1 ceiling",
+                    "what": f"(engine + scoring its traces) / engine, tau {tau}",
+                    "tau": tau,
+                    "numerator_tok_s": ceiling * engine,
+                    "denominator_tok_s": engine,
+                    "value": ceiling,
+                    "target": None,
                 }
             )
             if generate_rates:
@@ -319,11 +435,16 @@ def main(argv: list[str]) -> int:
         settings.EVALUATION_MAX_BATCH_SIZE = args.batch
         job_rates, generate_rates = [], []
         for round_ in range(rounds):
-            evaluation = _launch_evaluation(model_dir, problems, args.samples, args.tokens)
+            evaluation = _launch_evaluation(
+                model_dir, problems, args.samples, args.tokens, args.backend
+            )
             seconds, tokens = time_evaluation_job(evaluation)
             job_rates.append(tokens / seconds)
             prompts = evaluation_prompts(evaluation, tokenizer)
-            seconds, tokens = time_evaluation_generate(model, prompts, evaluation, args.batch)
+            if vllm:
+                seconds, tokens = time_vllm_generate(model_dir, prompts, evaluation)
+            else:
+                seconds, tokens = time_evaluation_generate(model, prompts, evaluation, args.batch)
             generate_rates.append(tokens / seconds)
             print(f"evaluation round {round_ + 1}/{rounds}: job {job_rates[-1]:.1f} tok/s, "
                   f"generate {generate_rates[-1]:.1f} tok/s", flush=True)  # fmt: skip
@@ -331,7 +452,8 @@ def main(argv: list[str]) -> int:
         rows.append(
             {
                 "ratio": "J2",
-                "what": "evaluation job / plain generate (same prompts, EOS allowed in the job)",
+                "what": f"evaluation job / plain {'vLLM ' if vllm else ''}generate "
+                "(same prompts, EOS allowed in the job)",
                 "tau": None,
                 "numerator_tok_s": job,
                 "denominator_tok_s": generate,
@@ -340,8 +462,8 @@ def main(argv: list[str]) -> int:
             }
         )
     print_table(
-        f"Jobs against engines: {problems_count} CHAMP problems x {args.samples} samples x "
-        f"{args.tokens} tokens, max_batch_size {args.batch}",
+        f"Jobs against engines ({args.backend}): {problems_count} CHAMP problems x "
+        f"{args.samples} samples x {args.tokens} tokens, max_batch_size {args.batch}",
         rows,
         ["ratio", "what", "numerator_tok_s", "denominator_tok_s", "value", "target"],
     )
@@ -349,6 +471,7 @@ def main(argv: list[str]) -> int:
         args.json,
         {
             "benchmark": "jobs",
+            "backend": args.backend,
             "problems": problems_count,
             "samples": args.samples,
             "tokens": args.tokens,
