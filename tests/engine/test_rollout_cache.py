@@ -104,13 +104,27 @@ def test_grouped_attention_is_switched_on_and_off(tiny_model_factory):
     assert model.config._attn_implementation == "sdpa"
 
 
+@pytest.fixture
+def forward_shapes(monkeypatch) -> list[tuple[int, ...]]:
+    """The input shape (rows, tokens) of every `model_views.forward_logits` call, in order."""
+    shapes: list[tuple[int, ...]] = []
+    real_forward = model_views.forward_logits
+
+    def spy(model_, view_, input_ids, *args, **kwargs):
+        shapes.append(tuple(input_ids.shape))
+        return real_forward(model_, view_, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(model_views, "forward_logits", spy)
+    return shapes
+
+
 def _prefixed(rng, prefix: list[int], low: int, high: int) -> list[int]:
     return prefix + rng.integers(0, 256, size=int(rng.integers(low, high))).tolist()
 
 
 @pytest.mark.parametrize("group_tokens", [1, 40, 10_000])
 def test_prefill_reads_a_shared_prefix_once_and_equals_plain_passes(
-    tiny_model_factory, monkeypatch, group_tokens: int
+    tiny_model_factory, forward_shapes, group_tokens: int
 ):
     """Prompts that start alike (as every real prompt does: chat template, instruction) are
     read with their common prefix once, the rest in length groups; each prompt's cache and
@@ -122,20 +136,12 @@ def test_prefill_reads_a_shared_prefix_once_and_equals_plain_passes(
     prefix = rng.integers(0, 256, size=12).tolist()
     prompts = [_prefixed(rng, prefix, 1, 15) for _ in range(5)]
     prompts += [prompts[1], prefix + [7]]  # a duplicate; one only a token past the prefix
-    shapes: list[tuple[int, ...]] = []
-    real_forward = model_views.forward_logits
-
-    def spy(model_, view_, input_ids, *args, **kwargs):
-        shapes.append(tuple(input_ids.shape))
-        return real_forward(model_, view_, input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(model_views, "forward_logits", spy)
     read = model_views.prefill(
         model, "privileged", prompts, group_tokens=group_tokens, last_logits=True
     )
-    assert shapes[0] == (1, 12), "the shared prefix is read once, in one row"
-    assert sum(rows for rows, _ in shapes[1:]) == 6, "each distinct prompt once"
-    assert read.passes == len(shapes)
+    assert forward_shapes[0] == (1, 12), "the shared prefix is read once, in one row"
+    assert sum(rows for rows, _ in forward_shapes[1:]) == 6, "each distinct prompt once"
+    assert read.passes == len(forward_shapes)
     assert read.valid.shape[0] == len(prompts) and read.last_logits is not None
     for row, prompt in enumerate(prompts):
         with torch.no_grad():
@@ -148,21 +154,13 @@ def test_prefill_reads_a_shared_prefix_once_and_equals_plain_passes(
             torch.testing.assert_close(layer.values[row][:, slots], alone.values[0])
 
 
-def test_prefill_without_a_long_shared_prefix_reads_no_prefix(tiny_model_factory, monkeypatch):
+def test_prefill_without_a_long_shared_prefix_reads_no_prefix(tiny_model_factory, forward_shapes):
     """A common prefix shorter than `SHARED_PREFIX_MIN` is not worth its own pass; prompts
     with an empty one (here: an empty prompt, as an engine's one-token prompt leaves) work."""
     model = tiny_model_factory()
-    shapes: list[tuple[int, ...]] = []
-    real_forward = model_views.forward_logits
-
-    def spy(model_, view_, input_ids, *args, **kwargs):
-        shapes.append(tuple(input_ids.shape))
-        return real_forward(model_, view_, input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(model_views, "forward_logits", spy)
     short = [1, 2, 3]
     read = model_views.prefill(model, "learner", [short + [4, 5], short + [9], []])
-    assert read.passes == 1 and shapes == [(3, 5)] and read.last_logits is None
+    assert read.passes == 1 and forward_shapes == [(3, 5)] and read.last_logits is None
     assert read.valid.sum(dim=1).tolist() == [5, 4, 0]
     with pytest.raises(ValueError, match="non-empty"):
         model_views.prefill(model, "learner", [[1], []], last_logits=True)

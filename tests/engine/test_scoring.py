@@ -39,6 +39,16 @@ def plain_logprobs(model, prompt, response, adapter: bool) -> torch.Tensor:
     return lps
 
 
+def assert_views_equal_plain(model, request: ScoringRequest, score) -> None:
+    """Each view's log-probs of the trace equal a plain forward pass of prompt + trace."""
+    response = list(request.response_ids)
+    picks = torch.arange(len(response)), torch.tensor(response)
+    for view, adapter in (("learner", True), ("privileged", False), ("negative", False)):
+        plain = plain_logprobs(model, request.prompt_ids(view), response, adapter=adapter)
+        got = getattr(score, f"{view}_logprobs")
+        np.testing.assert_allclose(got, plain[picks].numpy(), atol=1e-5, err_msg=view)
+
+
 @pytest.mark.parametrize("adapter", [False, True])
 def test_scores_equal_unbatched_forward_passes(tiny_model_factory, adapter: bool):
     model = tiny_model_factory(adapter=adapter)
@@ -77,11 +87,7 @@ def test_samples_sharing_a_prompt_equal_unbatched_forward_passes(tiny_model_fact
         assert score.negative_top_ids.shape == (len(response), 2)
         if not response:
             continue
-        picks = torch.arange(len(response)), torch.tensor(response)
-        for view, adapter in (("learner", True), ("privileged", False), ("negative", False)):
-            plain = plain_logprobs(model, request.prompt_ids(view), response, adapter=adapter)
-            got = getattr(score, f"{view}_logprobs")
-            np.testing.assert_allclose(got, plain[picks].numpy(), atol=1e-5, err_msg=view)
+        assert_views_equal_plain(model, request, score)
 
 
 def test_prompts_sharing_a_prefix_equal_unbatched_forward_passes(tiny_model_factory):
@@ -104,11 +110,7 @@ def test_prompts_sharing_a_prefix_equal_unbatched_forward_passes(tiny_model_fact
         response = list(request.response_ids)
         if not response:
             continue
-        picks = torch.arange(len(response)), torch.tensor(response)
-        for view, adapter in (("learner", True), ("privileged", False), ("negative", False)):
-            plain = plain_logprobs(model, request.prompt_ids(view), response, adapter=adapter)
-            got = getattr(score, f"{view}_logprobs")
-            np.testing.assert_allclose(got, plain[picks].numpy(), atol=1e-5, err_msg=view)
+        assert_views_equal_plain(model, request, score)
 
 
 def test_micro_batching_does_not_change_scores(tiny_model_factory):
