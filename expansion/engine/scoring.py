@@ -7,9 +7,9 @@ for the reviewer. Traces are batched per view (traces right-padded so trace posi
 up; only trace positions go through the output layer), in micro-batches bounded by tokens and
 by logits size. The prompts are read first by `model_views.prefill`, as the engines read
 theirs: each distinct prompt once (the samples of a problem share it), the prefix all prompts
-share once, the rest in groups of similar length; the traces are then read on top. A view whose scores the rollout engine already recorded
-(`ScoringRequest.known_scores`, `rollout.ViewScores`, from the same `normalised_top`) is not
-read again.
+share once, the rest in groups of similar length; the traces are then read on top. A view
+whose scores the rollout engine already recorded (`ScoringRequest.known_scores`,
+`rollout.ViewScores`, from the same `normalised_top`) is not read again.
 
 `shortcut_scores` gives delta_i = log p_NR(r_i) - log p_PS(r_i) and `summarise_shortcuts` the
 per-trace max, mean of the positive part and share of tokens above a threshold.
